@@ -1,0 +1,1 @@
+//! tessera.io/v1alpha1 custom resources.

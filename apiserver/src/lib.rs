@@ -1,0 +1,3 @@
+//! An embedded, persisted Kubernetes-compatible API server.
+
+pub mod validation;
