@@ -24,10 +24,7 @@ pub fn all() -> Vec<CustomResourceDefinition> {
 
 /// File name of a CRD: its object name, e.g. `storagepools.tessera.io.yaml`.
 pub fn file_name(crd: &CustomResourceDefinition) -> String {
-    format!(
-        "{}.yaml",
-        crd.metadata.name.as_deref().unwrap_or("unnamed")
-    )
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
 }
 
 /// YAML of one CRD, with a header saying where it comes from.

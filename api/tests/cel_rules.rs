@@ -70,7 +70,12 @@ fn area() -> Value {
 fn area_size_is_a_positive_multiple_of_4096() {
     accepts("StorageArea", area(), None);
     for bad in [1000, 0, -4096] {
-        rejects("StorageArea", with(area(), "sizeBytes", json!(bad)), None, SIZE_MSG);
+        rejects(
+            "StorageArea",
+            with(area(), "sizeBytes", json!(bad)),
+            None,
+            SIZE_MSG,
+        );
     }
 }
 
@@ -135,7 +140,11 @@ fn pool_extent_size_is_immutable() {
 fn pool_reclaim_tiers_do_not_repeat() {
     accepts(
         "StoragePool",
-        with(pool(), "reclaim", json!({"tiers": ["Unused", "LowPriority"]})),
+        with(
+            pool(),
+            "reclaim",
+            json!({"tiers": ["Unused", "LowPriority"]}),
+        ),
         None,
     );
     rejects(
@@ -275,7 +284,7 @@ fn mirror_pair_members_are_immutable() {
         "MirrorPair",
         json!({"primary": "vol-0", "secondary": "vol-2"}),
         Some(old),
-        "secondary is immutable",
+        "secondary and secondarySelection are immutable",
     );
 }
 
@@ -289,7 +298,8 @@ fn remap_operation_is_a_discriminated_union() {
     accepts("VolumeRemap", release(), None);
     accepts(
         "VolumeRemap",
-        json!({"volumeName": "vol-0", "operation": {"type": "EvacuateArea", "evacuateArea": {"area": "a0"}}}),
+        json!({"volumeName": "vol-0", "copy": {"mode": "Online"},
+               "operation": {"type": "EvacuateArea", "evacuateArea": {"area": "a0"}}}),
         None,
     );
     let wrong_member = json!({"volumeName": "vol-0",
@@ -341,7 +351,11 @@ fn remap_ranges_and_chunks_are_aligned() {
     rejects("VolumeRemap", bad_length, None, SIZE_MSG);
     rejects(
         "VolumeRemap",
-        with(release(), "copy", json!({"mode": "Online", "chunkBytes": 1000})),
+        with(
+            release(),
+            "copy",
+            json!({"mode": "Online", "chunkBytes": 1000}),
+        ),
         None,
         SIZE_MSG,
     );
@@ -355,5 +369,100 @@ fn remap_spec_is_immutable() {
         with(release(), "volumeName", json!("vol-1")),
         Some(release()),
         "a VolumeRemap spec is immutable; create a new VolumeRemap",
+    );
+}
+
+#[test]
+fn pool_reclaim_takes_unused_before_low_priority_data() {
+    accepts(
+        "StoragePool",
+        with(pool(), "reclaim", json!({"tiers": ["Unused"]})),
+        None,
+    );
+    rejects(
+        "StoragePool",
+        with(
+            pool(),
+            "reclaim",
+            json!({"tiers": ["LowPriority", "Unused"]}),
+        ),
+        None,
+        "Unused must come before LowPriority: data is released only when no unused space is left",
+    );
+}
+
+#[test]
+fn area_size_may_grow_but_not_shrink() {
+    accepts(
+        "StorageArea",
+        with(area(), "sizeBytes", json!(2147483648_i64)),
+        Some(area()),
+    );
+    rejects(
+        "StorageArea",
+        with(area(), "sizeBytes", json!(536870912)),
+        Some(area()),
+        "sizeBytes may grow but not shrink",
+    );
+}
+
+#[test]
+fn priority_class_data_priority_is_immutable() {
+    let high = json!({"value": 1000, "dataPriority": "High"});
+    accepts(
+        "StoragePriorityClass",
+        json!({"value": 900, "dataPriority": "High"}),
+        Some(high.clone()),
+    );
+    rejects(
+        "StoragePriorityClass",
+        json!({"value": 1000, "dataPriority": "Low"}),
+        Some(high),
+        "dataPriority is immutable: data already written keeps the priority it was written with",
+    );
+}
+
+#[test]
+fn volume_copies_are_immutable() {
+    rejects(
+        "VirtualVolume",
+        with(volume(), "copies", json!(1)),
+        Some(volume()),
+        "copies is immutable",
+    );
+}
+
+#[test]
+fn mirror_pair_cannot_swap_secondary_for_selection() {
+    let msg = "secondary and secondarySelection are immutable";
+    let named = json!({"primary": "vol-0", "secondary": "vol-1"});
+    let selected = json!({"primary": "vol-0", "secondarySelection": "SameSize"});
+    accepts("MirrorPair", selected.clone(), Some(selected.clone()));
+    rejects("MirrorPair", selected.clone(), Some(named.clone()), msg);
+    rejects("MirrorPair", named, Some(selected.clone()), msg);
+    rejects(
+        "MirrorPair",
+        json!({"primary": "vol-0", "secondarySelection": "ResizeToMatch"}),
+        Some(selected),
+        msg,
+    );
+}
+
+#[test]
+fn remap_moves_copy_and_releases_do_not() {
+    let msg = "Move and EvacuateArea must copy data (copy.mode: Online); ReleaseRanges copies nothing (copy.mode: None)";
+    let evacuate = json!({"volumeName": "vol-0",
+        "operation": {"type": "EvacuateArea", "evacuateArea": {"area": "a0"}}});
+    accepts(
+        "VolumeRemap",
+        with(evacuate.clone(), "copy", json!({"mode": "Online"})),
+        None,
+    );
+    rejects("VolumeRemap", evacuate, None, msg);
+    rejects(
+        "VolumeRemap",
+        with(release(), "copy", json!({"mode": "Online"})),
+        None,
+        msg,
     );
 }

@@ -45,9 +45,40 @@ fn chart_crds_match_types() {
 fn seven_kinds_with_status_and_unique_short_names() {
     // Short names of built-in kinds that a tessera short name must not shadow.
     const BUILTIN: &[&str] = &[
-        "po", "svc", "ns", "no", "pv", "pvc", "sa", "cm", "ds", "deploy", "rs", "rc", "sts", "ep",
-        "ev", "ing", "netpol", "pdb", "pc", "sc", "crd", "crds", "hpa", "cj", "csr", "limits",
-        "quota", "psp", "cs", "ingclass", "vac", "va", "csinode", "csidriver",
+        "po",
+        "svc",
+        "ns",
+        "no",
+        "pv",
+        "pvc",
+        "sa",
+        "cm",
+        "ds",
+        "deploy",
+        "rs",
+        "rc",
+        "sts",
+        "ep",
+        "ev",
+        "ing",
+        "netpol",
+        "pdb",
+        "pc",
+        "sc",
+        "crd",
+        "crds",
+        "hpa",
+        "cj",
+        "csr",
+        "limits",
+        "quota",
+        "psp",
+        "cs",
+        "ingclass",
+        "vac",
+        "va",
+        "csinode",
+        "csidriver",
     ];
     let crds = tessera_api::crds::all();
     assert_eq!(crds.len(), 7);
@@ -57,15 +88,30 @@ fn seven_kinds_with_status_and_unique_short_names() {
         let version = &crd.spec.versions[0];
         assert_eq!(version.name, "v1alpha1");
         assert!(
-            version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(),
+            version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
             "{} has no status subresource",
             crd.spec.names.kind
         );
-        assert!(version.additional_printer_columns.as_ref().is_some_and(|c| !c.is_empty()));
+        assert!(
+            version
+                .additional_printer_columns
+                .as_ref()
+                .is_some_and(|c| !c.is_empty())
+        );
         for short in crd.spec.names.short_names.iter().flatten() {
-            assert!(!BUILTIN.contains(&short.as_str()), "{short} shadows a built-in kind");
+            assert!(
+                !BUILTIN.contains(&short.as_str()),
+                "{short} shadows a built-in kind"
+            );
             assert!(seen.insert(short.clone()), "{short} used twice");
         }
-        assert_eq!(crd.spec.names.categories.as_deref(), Some(&["tessera".to_string()][..]));
+        assert_eq!(
+            crd.spec.names.categories.as_deref(),
+            Some(&["tessera".to_string()][..])
+        );
     }
 }

@@ -70,7 +70,9 @@ fn examples_are_valid_objects() {
         for doc in documents(&file) {
             typed(&doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             cel(&doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            *kinds.entry(doc["kind"].as_str().unwrap().into()).or_default() += 1;
+            *kinds
+                .entry(doc["kind"].as_str().unwrap().into())
+                .or_default() += 1;
         }
     }
     // The example set: one pool, six areas on three nodes, classes high and low, claims.
@@ -85,7 +87,12 @@ fn example_areas_span_three_nodes() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/01-areas.yaml");
     let nodes: std::collections::BTreeSet<String> = documents(&path)
         .iter()
-        .map(|d| serde_json::from_value::<StorageArea>(d.clone()).unwrap().spec.node_name)
+        .map(|d| {
+            serde_json::from_value::<StorageArea>(d.clone())
+                .unwrap()
+                .spec
+                .node_name
+        })
         .collect();
     assert_eq!(nodes.len(), 3);
 }

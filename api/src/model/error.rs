@@ -9,7 +9,6 @@ use super::units::SECTOR_SIZE;
 /// Offsets are volume byte offsets unless the field says `area_offset`. Every variant carries
 /// enough of the offending input to write a useful condition message or gRPC status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
 pub enum MapError {
     /// `offset + length` does not fit in a `u64`.
     #[error("range at offset {offset} with length {length} overflows a 64-bit byte offset")]
@@ -32,7 +31,9 @@ pub enum MapError {
     RunGap { expected: u64, found: u64 },
 
     /// A run starts before the previous one ended: runs are unsorted or overlap.
-    #[error("run at offset {found} overlaps or precedes the previous run, which ends at {expected}")]
+    #[error(
+        "run at offset {found} overlaps or precedes the previous run, which ends at {expected}"
+    )]
     RunOverlap { expected: u64, found: u64 },
 
     /// The last run ends beyond the volume.
@@ -44,7 +45,9 @@ pub enum MapError {
     RunsShort { covered: u64, size_bytes: u64 },
 
     /// A run boundary that is not an extent boundary (only the volume's tail may be partial).
-    #[error("run at offset {offset} with length {length} is not aligned to the {extent_size}-byte extent")]
+    #[error(
+        "run at offset {offset} with length {length} is not aligned to the {extent_size}-byte extent"
+    )]
     MisalignedRun {
         offset: u64,
         length: u64,
@@ -100,7 +103,9 @@ pub enum MapError {
     },
 
     /// A lookup or edit beyond the end of the volume.
-    #[error("range at offset {offset} with length {length} is outside the {size_bytes}-byte volume")]
+    #[error(
+        "range at offset {offset} with length {length} is outside the {size_bytes}-byte volume"
+    )]
     OutOfRange {
         offset: u64,
         length: u64,

@@ -78,7 +78,13 @@ mod tests {
         assert_eq!(g.next().get(), 1);
         assert_eq!(Generation(u64::MAX).checked_next(), None);
         assert_eq!(Generation(41).to_string(), "41");
-        assert_eq!(serde_json::to_string(&Generation(7)).ok().as_deref(), Some("7"));
-        assert_eq!(serde_json::from_str::<Generation>("7").ok(), Some(Generation(7)));
+        assert_eq!(
+            serde_json::to_string(&Generation(7)).ok().as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            serde_json::from_str::<Generation>("7").ok(),
+            Some(Generation(7))
+        );
     }
 }

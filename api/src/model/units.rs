@@ -145,7 +145,7 @@ impl ByteRange {
 
     /// Whether both ends are multiples of `align` (`align` 0 is treated as "no alignment").
     pub const fn is_aligned(&self, align: u64) -> bool {
-        align == 0 || (self.offset % align == 0 && self.length % align == 0)
+        align == 0 || (self.offset.is_multiple_of(align) && self.length.is_multiple_of(align))
     }
 
     /// Whether both ends fall on sector boundaries (what O_DIRECT needs).

@@ -1,5 +1,5 @@
 //! StorageArea: one disk, partition or file a node contributes to a pool (seed 001 registration
-//! [0015]–[0017]; seed 002 real-volume information, Fig. 3).
+//! [0022]–[0023]; seed 002 real-volume information, Fig. 3, [0058]–[0062]).
 
 use super::common::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -21,10 +21,22 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.nodeName"),
     printcolumn(name = "Pool", type_ = "string", json_path = ".spec.poolName"),
     printcolumn(name = "Media", type_ = "string", json_path = ".spec.mediaType"),
-    printcolumn(name = "Capacity", type_ = "integer", json_path = ".status.capacityBytes"),
-    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocatedBytes"),
+    printcolumn(
+        name = "Capacity",
+        type_ = "integer",
+        json_path = ".status.capacityBytes"
+    ),
+    printcolumn(
+        name = "Allocated",
+        type_ = "integer",
+        json_path = ".status.allocatedBytes"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StorageAreaSpec {
@@ -41,12 +53,14 @@ pub struct StorageAreaSpec {
     /// to use the whole device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new(SIZE_RULE).message(SIZE_MESSAGE))]
+    #[x_kube(validation = Rule::new("self >= oldSelf").message("sizeBytes may grow but not shrink"))]
     pub size_bytes: Option<i64>,
-    /// Media type used by placement (seed 002 [0050]); a free string such as nvme, ssd or hdd.
+    /// Media type used by placement (seed 002 real volume type, [0062], [0120]); a free string such
+    /// as nvme, ssd or hdd.
     #[serde(default = "default_media_type")]
     #[schemars(length(min = 1, max = 63))]
     pub media_type: String,
-    /// Failure domain (seed 002 domains). Defaults to the node's
+    /// Failure domain (seed 002's per-SAN domain, [0036], [0049]–[0050]). Defaults to the node's
     /// `topology.kubernetes.io/zone` label when empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
@@ -94,7 +108,7 @@ pub struct StorageAreaStatus {
     /// `host:port` of the owning node's extent server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extent_server: Option<String>,
-    /// Last heartbeat from the owning node (seed 002 [0063]).
+    /// Last heartbeat from the owning node (seed 002 liveness exchange, [0108]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,6 @@
-//! StorageClaim: a request for a virtual volume (seed 000 area allocation command 400, [0029];
-//! seed 002 construction conditions, [0050]; seed 001 usage forms, [0019]).
+//! StorageClaim: a request for a virtual volume (seed 000 area allocation command 400,
+//! [0030]–[0031]; seed 002 construction conditions, [0101], [0120]; seed 001 usage forms,
+//! [0017]–[0020]).
 
 use super::common::*;
 use kube::{CustomResource, KubeSchema};
@@ -20,10 +21,18 @@ use serde::{Deserialize, Serialize};
     doc = "A request for a virtual volume from a StoragePool.",
     printcolumn(name = "Pool", type_ = "string", json_path = ".spec.poolName"),
     printcolumn(name = "Size", type_ = "integer", json_path = ".spec.sizeBytes"),
-    printcolumn(name = "Class", type_ = "string", json_path = ".spec.priorityClassName"),
+    printcolumn(
+        name = "Class",
+        type_ = "string",
+        json_path = ".spec.priorityClassName"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Volume", type_ = "string", json_path = ".status.volumeName"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StorageClaimSpec {
@@ -38,11 +47,11 @@ pub struct StorageClaimSpec {
     /// StoragePriorityClass of the volume; decides its data priority and who may reclaim it.
     #[schemars(length(min = 1, max = 253))]
     pub priority_class_name: String,
-    /// Only areas of this media type are used (seed 002 [0050]). Empty: any.
+    /// Only areas of this media type are used (seed 002 [0120]). Empty: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 63))]
     pub media_type: Option<String>,
-    /// Number of replicas; 2 is seed 001's duplexed form. Immutable.
+    /// Number of replicas; 2 is seed 001's duplexed form ([0019]). Immutable.
     #[serde(default = "default_copies")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 3").message("copies must be 1, 2 or 3"))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("copies is immutable"))]
@@ -60,7 +69,7 @@ fn default_copies() -> i32 {
     1
 }
 
-/// Usage forms of seed 001 [0019]. A volume smaller than an area is seed 001's "split" form
+/// Usage forms of seed 001 [0017]–[0020]. A volume smaller than an area is seed 001's "split" form
 /// automatically; duplexed is `copies: 2`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 pub enum VolumeLayout {

@@ -17,7 +17,6 @@ pub const SIZE_ALIGNMENT: i64 = 4096;
 pub(crate) const SIZE_RULE: &str = "self > 0 && self % 4096 == 0";
 pub(crate) const SIZE_MESSAGE: &str = "must be a positive multiple of 4096 bytes";
 
-
 /// A byte range of a virtual volume. Offsets and lengths are multiples of 4096; the operator
 /// further requires them to be aligned to the pool's extent size.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]

@@ -19,13 +19,26 @@ use serde::{Deserialize, Serialize};
     status = "MirrorPairStatus",
     doc = "A primary VirtualVolume mirrored to a secondary (seed 003).",
     printcolumn(name = "Primary", type_ = "string", json_path = ".spec.primary"),
-    printcolumn(name = "Secondary", type_ = "string", json_path = ".status.secondaryName"),
+    printcolumn(
+        name = "Secondary",
+        type_ = "string",
+        json_path = ".status.secondaryName"
+    ),
     printcolumn(name = "Desired", type_ = "string", json_path = ".spec.desiredState"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Progress", type_ = "integer", json_path = ".status.copyProgressPercent"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Progress",
+        type_ = "integer",
+        json_path = ".status.copyProgressPercent"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("has(self.secondary) != has(self.secondarySelection)").message("exactly one of secondary or secondarySelection must be set"))]
+#[x_kube(validation = Rule::new("(has(self.secondary) ? has(oldSelf.secondary) && self.secondary == oldSelf.secondary : !has(oldSelf.secondary)) && (has(self.secondarySelection) ? has(oldSelf.secondarySelection) && self.secondarySelection == oldSelf.secondarySelection : !has(oldSelf.secondarySelection))").message("secondary and secondarySelection are immutable"))]
 #[serde(rename_all = "camelCase")]
 pub struct MirrorPairSpec {
     /// Primary VirtualVolume (the main volume). Immutable.
@@ -35,7 +48,6 @@ pub struct MirrorPairSpec {
     /// Existing VirtualVolume to use as the secondary (sub volume). Immutable once set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("secondary is immutable"))]
     pub secondary: Option<String>,
     /// How to choose or create a secondary when none is named.
     #[serde(default, skip_serializing_if = "Option::is_none")]

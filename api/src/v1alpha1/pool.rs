@@ -24,12 +24,28 @@ const EXTENT_SIZE_RULE: &str = "self in [65536, 131072, 262144, 524288, 1048576,
     category = "tessera",
     status = "StoragePoolStatus",
     doc = "A cluster-wide pool of extents carved from StorageAreas.",
-    printcolumn(name = "Extent", type_ = "integer", json_path = ".spec.extentSizeBytes"),
+    printcolumn(
+        name = "Extent",
+        type_ = "integer",
+        json_path = ".spec.extentSizeBytes"
+    ),
     printcolumn(name = "Total", type_ = "integer", json_path = ".status.totalBytes"),
-    printcolumn(name = "Allocated", type_ = "integer", json_path = ".status.allocatedBytes"),
+    printcolumn(
+        name = "Allocated",
+        type_ = "integer",
+        json_path = ".status.allocatedBytes"
+    ),
     printcolumn(name = "InUse", type_ = "integer", json_path = ".status.inUseBytes"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StoragePoolSpec {
@@ -45,7 +61,8 @@ pub struct StoragePoolSpec {
     /// What happens when a claim is larger than the unallocated space.
     #[serde(default)]
     pub reclaim: ReclaimPolicy,
-    /// Periodic charging of allocated space (seed 000 Fig. 10). Absent: no charging.
+    /// Periodic charging of stored data (seed 000 Fig. 10; unused space is free, [0076]). Absent:
+    /// no charging.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub charging: Option<ChargingPolicy>,
 }
@@ -54,12 +71,12 @@ fn default_extent_size() -> i64 {
     DEFAULT_EXTENT_SIZE
 }
 
-/// Placement over failure domains (seed 002 Fig. 7, [0050]–[0056]).
+/// Placement over failure domains (seed 002 Fig. 7, [0119]–[0127]).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementPolicy {
-    /// Domains in the order placement tries them (seed 002 priority order). Areas in domains
-    /// not listed are tried after these, in name order.
+    /// Domains in the order placement tries them (seed 002 priority order, [0121]). Areas in
+    /// domains not listed are tried after these, in name order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64))]
     pub domain_order: Vec<String>,
@@ -86,6 +103,7 @@ pub struct ReclaimPolicy {
     #[serde(default = "default_tiers")]
     #[schemars(length(max = 2))]
     #[x_kube(validation = Rule::new("self.all(t, self.exists_one(u, u == t))").message("tiers must not repeat"))]
+    #[x_kube(validation = Rule::new("size(self) < 2 || self[0] == 'Unused'").message("Unused must come before LowPriority: data is released only when no unused space is left"))]
     pub tiers: Vec<ReclaimTier>,
     /// How victims are chosen.
     #[serde(default)]
@@ -168,7 +186,8 @@ fn default_charging_interval() -> i64 {
     3600
 }
 
-/// Observed state of a StoragePool. Byte counters follow seed 000 state information 116.
+/// Observed state of a StoragePool. Byte counters follow seed 000 pool management information
+/// 114 (counters 316–324, [0021], [0026]).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct StoragePoolStatus {

@@ -2,12 +2,12 @@
 //! (seed 000 [0033], [0053]–[0058]).
 
 use super::common::*;
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Desired state of a StoragePriorityClass.
-#[derive(CustomResource, JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "tessera.io",
     version = "v1alpha1",
@@ -19,9 +19,21 @@ use serde::{Deserialize, Serialize};
     doc = "Priority of a volume's data and which of its space may be reclaimed for other claims.",
     printcolumn(name = "Value", type_ = "integer", json_path = ".spec.value"),
     printcolumn(name = "Data", type_ = "string", json_path = ".spec.dataPriority"),
-    printcolumn(name = "Unused", type_ = "boolean", json_path = ".spec.reclaimable.unused"),
-    printcolumn(name = "LowData", type_ = "boolean", json_path = ".spec.reclaimable.lowPriorityData"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Unused",
+        type_ = "boolean",
+        json_path = ".spec.reclaimable.unused"
+    ),
+    printcolumn(
+        name = "LowData",
+        type_ = "boolean",
+        json_path = ".spec.reclaimable.lowPriorityData"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StoragePriorityClassSpec {
@@ -30,6 +42,7 @@ pub struct StoragePriorityClassSpec {
     pub value: i32,
     /// Priority of data written to volumes of this class (seed 000 flag 424). High-priority
     /// data is never reclaimed.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("dataPriority is immutable: data already written keeps the priority it was written with"))]
     pub data_priority: DataPriority,
     /// Which tiers of these volumes' space other claims may take.
     #[serde(default)]

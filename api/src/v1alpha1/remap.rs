@@ -19,12 +19,21 @@ use serde::{Deserialize, Serialize};
     status = "VolumeRemapStatus",
     doc = "A live change of a VirtualVolume's mapping, applied under a cluster-wide quiesce.",
     printcolumn(name = "Volume", type_ = "string", json_path = ".spec.volumeName"),
-    printcolumn(name = "Operation", type_ = "string", json_path = ".spec.operation.type"),
+    printcolumn(
+        name = "Operation",
+        type_ = "string",
+        json_path = ".spec.operation.type"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Attempt", type_ = "integer", json_path = ".status.attempt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("a VolumeRemap spec is immutable; create a new VolumeRemap"))]
+#[x_kube(validation = Rule::new("self.operation.type == 'ReleaseRanges' ? self.copy.mode == 'None' : self.copy.mode != 'None'").message("Move and EvacuateArea must copy data (copy.mode: Online); ReleaseRanges copies nothing (copy.mode: None)"))]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeRemapSpec {
     /// The VirtualVolume to remap.
@@ -130,8 +139,8 @@ pub enum CopyMode {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RemapPolicy {
-    /// Continue without failed participants only if at least this many succeeded (seed 004:
-    /// "two or more").
+    /// Continue without failed participants only if at least this many succeeded (seed 004
+    /// [0046]: "two or more").
     #[serde(default = "default_min_succeeded")]
     #[schemars(range(min = 1))]
     pub min_succeeded_to_continue: i32,
@@ -182,16 +191,26 @@ fn default_commit_timeout() -> i64 {
 /// Coordinator phases (seed 004 §7). Written to status before each step.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 pub enum RemapPhase {
+    /// Accepted, not started.
     #[default]
     Pending,
+    /// The new mapping is being staged beside the active one on every participant.
     Staging,
+    /// Hold and drain on every participant.
     Quiescing,
+    /// Online copy of the held chunk.
     Copying,
+    /// Switching every participant to the staged mapping.
     Committing,
+    /// Releasing the hold everywhere.
     Resuming,
+    /// Committed and resumed everywhere.
     Succeeded,
+    /// A commit failed; restoring the previous mapping while held.
     RollingBack,
+    /// Ended without changing the mapping.
     Failed,
+    /// Rollback or resume failed; the failed nodes are fenced.
     FailedRecovery,
 }
 

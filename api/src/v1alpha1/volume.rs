@@ -1,5 +1,6 @@
 //! VirtualVolume: one allocated volume and its mapping (seed 000 virtual area entry 300,
-//! [0020]–[0025]; seed 002 mapping table, Fig. 4; seed 004 mapping generations).
+//! [0022]–[0025]; seed 002 mapping table, Fig. 4; seed 004 configuration information 221,
+//! [0036]–[0037]). Mapping generations are tessera's own (docs/decisions.md).
 
 use super::common::*;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -22,9 +23,17 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Size", type_ = "integer", json_path = ".spec.sizeBytes"),
     printcolumn(name = "Copies", type_ = "integer", json_path = ".spec.copies"),
     printcolumn(name = "Node", type_ = "string", json_path = ".spec.accessNode"),
-    printcolumn(name = "Generation", type_ = "integer", json_path = ".status.mapping.generation"),
+    printcolumn(
+        name = "Generation",
+        type_ = "integer",
+        json_path = ".status.mapping.generation"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualVolumeSpec {
@@ -42,6 +51,7 @@ pub struct VirtualVolumeSpec {
     /// Replicas per extent (1–3).
     #[serde(default = "default_copies")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 3").message("copies must be 1, 2 or 3"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("copies is immutable"))]
     pub copies: i32,
     /// Layout the claim asked for.
     #[serde(default)]
@@ -105,7 +115,8 @@ pub struct VirtualVolumeStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeMapping {
-    /// Increases on every change of the mapping (seed 004: nodes refuse stale generations).
+    /// Increases on every change of the mapping; nodes refuse stale generations (tessera design,
+    /// seed 004 §11.3; the patent keeps nodes consistent by changing them together, [0041]).
     pub generation: i64,
     /// The pool's extent size when the mapping was made.
     pub extent_size_bytes: i64,
