@@ -563,7 +563,7 @@ fn openapi_schema(raw: &Value, path: &str, ctx: &Ctx, is_root: bool, depth: usiz
             "uniqueItems cannot be set to true since the runtime complexity becomes quadratic",
         ));
     }
-    let mut merge = |(a, b): Errs, se: &mut Vec<FieldError>, ce: &mut Vec<FieldError>| {
+    let merge = |(a, b): Errs, se: &mut Vec<FieldError>, ce: &mut Vec<FieldError>| {
         se.extend(a);
         ce.extend(b);
     };
