@@ -53,7 +53,7 @@ pub struct ApiError {
     pub code: u16,
     pub reason: String,
     pub message: String,
-    pub details: Option<Details>,
+    pub details: Option<Box<Details>>,
 }
 
 /// `StatusDetails`.
@@ -162,12 +162,12 @@ impl ApiError {
     }
 
     fn with_details(mut self, group: &str, kind: &str, name: &str) -> Self {
-        self.details = Some(Details {
+        self.details = Some(Box::new(Details {
             name: name.into(),
             group: group.into(),
             kind: kind.into(),
             ..Details::default()
-        });
+        }));
         self
     }
 
@@ -188,7 +188,7 @@ impl ApiError {
             "NotFound",
             "the server could not find the requested resource".into(),
         );
-        e.details = Some(Details::default());
+        e.details = Some(Box::default());
         e
     }
 
@@ -312,7 +312,7 @@ impl ApiError {
             "Timeout",
             format!("Timeout: Too large resource version: {requested}, current: {current}"),
         );
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             causes: vec![Cause {
                 reason: "ResourceVersionTooLarge".into(),
                 message: "Too large resource version".into(),
@@ -320,7 +320,7 @@ impl ApiError {
             }],
             retry_after_seconds: 1,
             ..Details::default()
-        });
+        }));
         e
     }
 
@@ -359,14 +359,14 @@ impl ApiError {
     /// `errors.NewInternalError`.
     pub fn internal(err: impl std::fmt::Display) -> Self {
         let mut e = Self::new(500, "InternalError", format!("Internal error occurred: {err}"));
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             causes: vec![Cause {
                 reason: String::new(),
                 message: err.to_string(),
                 field: String::new(),
             }],
             ..Details::default()
-        });
+        }));
         e
     }
 
@@ -389,7 +389,7 @@ impl ApiError {
             "Invalid",
             "the server rejected our request due to an error in our request".into(),
         );
-        e.details = Some(Details::default());
+        e.details = Some(Box::default());
         e
     }
 

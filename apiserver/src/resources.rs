@@ -58,6 +58,18 @@ pub struct ServedVersion {
     pub deprecation_warning: Option<String>,
 }
 
+/// The description of a built-in kind (all are served as `v1` of their group).
+struct BuiltinSpec {
+    builtin: Builtin,
+    group: &'static str,
+    plural: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+    short_names: &'static [&'static str],
+    status: bool,
+    columns: Vec<PrinterColumn>,
+}
+
 /// Everything the server needs to serve one resource.
 #[derive(Debug, Clone)]
 pub struct ResourceInfo {
@@ -138,36 +150,27 @@ impl ResourceInfo {
         crate::errors::group_resource(&self.group, &self.plural)
     }
 
-    fn builtin(
-        b: Builtin,
-        group: &str,
-        version: &str,
-        plural: &str,
-        kind: &str,
-        namespaced: bool,
-        short: &[&str],
-        status: bool,
-        columns: Vec<PrinterColumn>,
-    ) -> Self {
+    fn builtin(spec: BuiltinSpec) -> Self {
+        let b = spec.builtin;
         ResourceInfo {
-            group: group.into(),
-            plural: plural.into(),
-            singular: kind.to_lowercase(),
-            kind: kind.into(),
-            list_kind: format!("{kind}List"),
-            namespaced,
-            short_names: short.iter().map(|s| s.to_string()).collect(),
+            group: spec.group.into(),
+            plural: spec.plural.into(),
+            singular: spec.kind.to_lowercase(),
+            kind: spec.kind.into(),
+            list_kind: format!("{}List", spec.kind),
+            namespaced: spec.namespaced,
+            short_names: spec.short_names.iter().map(|s| s.to_string()).collect(),
             categories: if b == Builtin::Crd {
                 vec!["api-extensions".into()]
             } else {
                 Vec::new()
             },
             versions: vec![ServedVersion {
-                name: version.into(),
+                name: "v1".into(),
                 schema: None,
-                columns,
+                columns: spec.columns,
                 selectable_fields: Vec::new(),
-                status_subresource: status,
+                status_subresource: spec.status,
                 storage: true,
                 deprecation_warning: None,
             }],
@@ -346,16 +349,15 @@ impl Registry {
     pub fn builtins() -> Self {
         use Builtin::*;
         let r = vec![
-            ResourceInfo::builtin(
-                Namespace,
-                "",
-                "v1",
-                "namespaces",
-                "Namespace",
-                false,
-                &["ns"],
-                true,
-                vec![
+            ResourceInfo::builtin(BuiltinSpec {
+                builtin: Namespace,
+                group: "",
+                plural: "namespaces",
+                kind: "Namespace",
+                namespaced: false,
+                short_names: &["ns"],
+                status: true,
+                columns: vec![
                     PrinterColumn::new(
                         "Status",
                         "string",
@@ -364,17 +366,16 @@ impl Registry {
                     ),
                     age(),
                 ],
-            ),
-            ResourceInfo::builtin(
-                Node,
-                "",
-                "v1",
-                "nodes",
-                "Node",
-                false,
-                &["no"],
-                true,
-                vec![
+            }),
+            ResourceInfo::builtin(BuiltinSpec {
+                builtin: Node,
+                group: "",
+                plural: "nodes",
+                kind: "Node",
+                namespaced: false,
+                short_names: &["no"],
+                status: true,
+                columns: vec![
                     PrinterColumn::new(
                         "Ready",
                         "string",
@@ -389,17 +390,16 @@ impl Registry {
                         "Kubelet Version reported by the node.",
                     ),
                 ],
-            ),
-            ResourceInfo::builtin(
-                CoreEvent,
-                "",
-                "v1",
-                "events",
-                "Event",
-                true,
-                &["ev"],
-                false,
-                vec![
+            }),
+            ResourceInfo::builtin(BuiltinSpec {
+                builtin: CoreEvent,
+                group: "",
+                plural: "events",
+                kind: "Event",
+                namespaced: true,
+                short_names: &["ev"],
+                status: false,
+                columns: vec![
                     PrinterColumn::new("Type", "string", ".type", "Type of this event"),
                     PrinterColumn::new("Reason", "string", ".reason", "Reason of this event"),
                     PrinterColumn::new(
@@ -411,17 +411,16 @@ impl Registry {
                     PrinterColumn::new("Message", "string", ".message", "Message of this event"),
                     age(),
                 ],
-            ),
-            ResourceInfo::builtin(
-                Event,
-                "events.k8s.io",
-                "v1",
-                "events",
-                "Event",
-                true,
-                &["ev"],
-                false,
-                vec![
+            }),
+            ResourceInfo::builtin(BuiltinSpec {
+                builtin: Event,
+                group: "events.k8s.io",
+                plural: "events",
+                kind: "Event",
+                namespaced: true,
+                short_names: &["ev"],
+                status: false,
+                columns: vec![
                     PrinterColumn::new("Type", "string", ".type", "Type of this event"),
                     PrinterColumn::new("Reason", "string", ".reason", "Reason of this event"),
                     PrinterColumn::new(
@@ -433,17 +432,16 @@ impl Registry {
                     PrinterColumn::new("Note", "string", ".note", "Note of this event"),
                     age(),
                 ],
-            ),
-            ResourceInfo::builtin(
-                Lease,
-                "coordination.k8s.io",
-                "v1",
-                "leases",
-                "Lease",
-                true,
-                &[],
-                false,
-                vec![
+            }),
+            ResourceInfo::builtin(BuiltinSpec {
+                builtin: Lease,
+                group: "coordination.k8s.io",
+                plural: "leases",
+                kind: "Lease",
+                namespaced: true,
+                short_names: &[],
+                status: false,
+                columns: vec![
                     PrinterColumn::new(
                         "Holder",
                         "string",
@@ -452,23 +450,22 @@ impl Registry {
                     ),
                     age(),
                 ],
-            ),
-            ResourceInfo::builtin(
-                Crd,
-                "apiextensions.k8s.io",
-                "v1",
-                "customresourcedefinitions",
-                "CustomResourceDefinition",
-                false,
-                &["crd", "crds"],
-                true,
-                vec![PrinterColumn::new(
+            }),
+            ResourceInfo::builtin(BuiltinSpec {
+                builtin: Crd,
+                group: "apiextensions.k8s.io",
+                plural: "customresourcedefinitions",
+                kind: "CustomResourceDefinition",
+                namespaced: false,
+                short_names: &["crd", "crds"],
+                status: true,
+                columns: vec![PrinterColumn::new(
                     "Created At",
                     "string",
                     ".metadata.creationTimestamp",
                     "Timestamp of creation",
                 )],
-            ),
+            }),
         ];
         Registry {
             resources: r.into_iter().map(Arc::new).collect(),

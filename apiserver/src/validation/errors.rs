@@ -203,7 +203,7 @@ pub(crate) fn go_float(f: f64) -> String {
         Some((m, e)) => (m.to_string(), e.parse::<i32>().unwrap_or(0)),
         None => return sci,
     };
-    if !(-4..21).contains(&exp) {
+    if !(-4..6).contains(&exp) {
         let (sign, digits) = match mantissa.strip_prefix('-') {
             Some(rest) => ("-", rest.to_string()),
             None => ("", mantissa.clone()),

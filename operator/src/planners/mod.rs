@@ -1,0 +1,1 @@
+//! Pure planners (being written).
