@@ -287,18 +287,38 @@ pub fn openapi_v3_gv(reg: &Registry, group: &str, version: &str) -> Option<Value
         let reference = json!({"$ref": format!("#/components/schemas/{name}")});
         schemas.insert(name, schema);
         let body = json!({"content": {"application/json": {"schema": reference}}});
-        let write = json!({
-            "parameters": [param("dryRun"), param("fieldManager"), param("fieldValidation")],
-            "requestBody": body,
-            "responses": {"200": body},
-        });
+        let ext = gvk(group, version, &r.kind);
+        let op = |action: &str, params: Vec<Value>, with_body: bool| {
+            let mut o = json!({
+                "parameters": params,
+                "responses": {"200": body},
+                "x-kubernetes-action": action,
+                "x-kubernetes-group-version-kind": ext,
+            });
+            if with_body {
+                o["requestBody"] = body.clone();
+            }
+            o
+        };
+        let write_params = || {
+            vec![
+                param("dryRun"),
+                param("fieldManager"),
+                param("fieldValidation"),
+            ]
+        };
+        let mut patch_params = write_params();
+        patch_params.push(param("force"));
         let item = json!({
-            "get": {"responses": {"200": body}},
-            "put": write,
-            "patch": write,
-            "delete": {"parameters": [param("dryRun")], "responses": {"200": body}},
+            "get": op("get", Vec::new(), false),
+            "put": op("put", write_params(), true),
+            "patch": op("patch", patch_params, true),
+            "delete": op("delete", vec![param("dryRun")], false),
         });
-        let coll = json!({"get": {"responses": {"200": {}}}, "post": write});
+        let coll = json!({
+            "get": op("list", Vec::new(), false),
+            "post": op("post", write_params(), true),
+        });
         let base = if r.namespaced {
             format!("{gv_prefix}/namespaces/{{namespace}}/{}", r.plural)
         } else {

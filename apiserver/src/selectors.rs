@@ -237,7 +237,7 @@ impl LabelSelector {
                     }
                 }
             };
-            for m in meta::qualified_name_errors(&req.key) {
+            if let Some(m) = meta::qualified_name_errors(&req.key).first() {
                 return Err(parse_err(format!(
                     "key: Invalid value: {}: {m}",
                     crate::errors::quote(&req.key)

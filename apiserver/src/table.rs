@@ -129,7 +129,9 @@ pub fn eval_path<'a>(obj: &'a Value, path: &str) -> Vec<&'a Value> {
                             }
                             let hit = match x {
                                 Some(Value::String(s)) => s == value,
-                                Some(other) => other.to_string() == *value,
+                                Some(Value::Bool(b)) => value == if *b { "true" } else { "false" },
+                                Some(Value::Number(n)) => value.parse::<f64>().ok() == n.as_f64(),
+                                Some(_) => false,
                                 None => false,
                             };
                             if hit {
