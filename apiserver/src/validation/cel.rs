@@ -210,7 +210,9 @@ fn to_field_error(s: &Schema, rule: &RuleSpec, e: &ValidationError, path: &str) 
             };
             errors::invalid(&field, BadValue::Str(ty), &detail)
         }
-        ErrorKind::SchemaTooDeep => errors::make(&field, ErrorType::Internal, BadValue::Omit, &e.message),
+        ErrorKind::SchemaTooDeep => {
+            errors::make(&field, ErrorType::Internal, BadValue::Omit, &e.message)
+        }
         _ => errors::invalid(&field, BadValue::Str(ty), &e.message),
     }
 }

@@ -48,19 +48,29 @@ impl Cost {
         Cost { min, max }
     }
     fn add(self, o: Cost) -> Cost {
-        Cost::new(self.min.saturating_add(o.min), self.max.saturating_add(o.max))
+        Cost::new(
+            self.min.saturating_add(o.min),
+            self.max.saturating_add(o.max),
+        )
     }
     fn union(self, o: Cost) -> Cost {
         Cost::new(self.min.min(o.min), self.max.max(o.max))
     }
     fn multiply(self, o: Cost) -> Cost {
-        Cost::new(self.min.saturating_mul(o.min), self.max.saturating_mul(o.max))
+        Cost::new(
+            self.min.saturating_mul(o.min),
+            self.max.saturating_mul(o.max),
+        )
     }
     /// `MultiplyByCostFactor`: ceil each bound.
     fn factor(self, f: f64) -> Cost {
         let m = |v: u64| {
             let r = (v as f64 * f).ceil();
-            if r >= u64::MAX as f64 { u64::MAX } else { r as u64 }
+            if r >= u64::MAX as f64 {
+                u64::MAX
+            } else {
+                r as u64
+            }
         };
         Cost::new(m(self.min), m(self.max))
     }
@@ -204,7 +214,9 @@ fn max_elements(s: &Schema) -> u64 {
                 _ => max_string_length_per_request(s),
             },
         },
-        NodeKind::Bytes => s.max_length.map_or_else(|| max_string_length_per_request(s), non_negative),
+        NodeKind::Bytes => s
+            .max_length
+            .map_or_else(|| max_string_length_per_request(s), non_negative),
         NodeKind::Duration | NodeKind::Timestamp => max_string_length_per_request(s),
         NodeKind::List(item) => s.max_items.map_or_else(
             || (MAX_REQUEST_SIZE_BYTES - 2) / (min_serialized_size(item, 0) + 1),
@@ -220,7 +232,8 @@ fn max_elements(s: &Schema) -> u64 {
 
 /// Schema of `apiVersion`/`kind`/`metadata.{name,generateName}` that CEL always sees at a
 /// resource root (`WithTypeAndObjectMeta`).
-static STRING_NODE: LazyLock<Schema> = LazyLock::new(|| Schema::parse(&json!({"type": "string"}), false));
+static STRING_NODE: LazyLock<Schema> =
+    LazyLock::new(|| Schema::parse(&json!({"type": "string"}), false));
 static META_NODE: LazyLock<Schema> = LazyLock::new(|| {
     Schema::parse(
         &json!({"type": "object", "properties": {
@@ -232,8 +245,27 @@ static META_NODE: LazyLock<Schema> = LazyLock::new(|| {
 /// Reverse `apiservercel.Escape` for a CEL field name.
 fn unescape(name: &str) -> String {
     const RESERVED: &[&str] = &[
-        "true", "false", "null", "in", "as", "break", "const", "continue", "else", "for", "function", "if",
-        "import", "let", "loop", "package", "namespace", "return", "var", "void", "while",
+        "true",
+        "false",
+        "null",
+        "in",
+        "as",
+        "break",
+        "const",
+        "continue",
+        "else",
+        "for",
+        "function",
+        "if",
+        "import",
+        "let",
+        "loop",
+        "package",
+        "namespace",
+        "return",
+        "var",
+        "void",
+        "while",
     ];
     if let Some(inner) = name.strip_prefix("__").and_then(|n| n.strip_suffix("__"))
         && RESERVED.contains(&inner)
@@ -244,7 +276,12 @@ fn unescape(name: &str) -> String {
     let mut rest = name;
     while !rest.is_empty() {
         let mut matched = false;
-        for (esc, plain) in [("__underscores__", "__"), ("__dot__", "."), ("__dash__", "-"), ("__slash__", "/")] {
+        for (esc, plain) in [
+            ("__underscores__", "__"),
+            ("__dot__", "."),
+            ("__dash__", "-"),
+            ("__slash__", "/"),
+        ] {
             if let Some(r) = rest.strip_prefix(esc) {
                 out.push_str(plain);
                 rest = r;
@@ -276,7 +313,12 @@ struct Est<'a> {
 
 impl<'a> Est<'a> {
     fn of(cost: Cost, ty: Ty<'a>) -> Est<'a> {
-        Est { cost, ty, size: None, path: false }
+        Est {
+            cost,
+            ty,
+            size: None,
+            path: false,
+        }
     }
 }
 
@@ -290,7 +332,11 @@ struct Coster<'a> {
 /// (`resource_root` for the CRD root and embedded resources). `Err` carries a type-check
 /// failure (undefined field, undeclared reference).
 /// Returns the cost and whether the result type can be a bool.
-pub(crate) fn estimate(expr: &IdedExpr, node: &Schema, resource_root: bool) -> Result<(Cost, bool), String> {
+pub(crate) fn estimate(
+    expr: &IdedExpr,
+    node: &Schema,
+    resource_root: bool,
+) -> Result<(Cost, bool), String> {
     let mut c = Coster {
         root: node,
         root_is_resource: resource_root,
@@ -326,7 +372,11 @@ fn is_scalar(t: &Ty<'_>) -> bool {
         Ty::Int | Ty::Uint | Ty::Double | Ty::Bool | Ty::Duration | Ty::Timestamp => true,
         Ty::Node(s, _) => matches!(
             node_kind(s),
-            NodeKind::Int | NodeKind::Double | NodeKind::Bool | NodeKind::Duration | NodeKind::Timestamp
+            NodeKind::Int
+                | NodeKind::Double
+                | NodeKind::Bool
+                | NodeKind::Duration
+                | NodeKind::Timestamp
         ),
         _ => false,
     }
@@ -451,7 +501,11 @@ impl<'a> Coster<'a> {
                     sum = sum.add(x.cost);
                     elem = Some(match elem {
                         None => x.ty,
-                        Some(prev) if std::mem::discriminant(&prev) == std::mem::discriminant(&x.ty) => prev,
+                        Some(prev)
+                            if std::mem::discriminant(&prev) == std::mem::discriminant(&x.ty) =>
+                        {
+                            prev
+                        }
                         Some(_) => Ty::Dyn,
                     });
                 }
@@ -466,7 +520,8 @@ impl<'a> Coster<'a> {
             Expr::Map(map) => {
                 let mut sum = Cost::new(30, 30);
                 for entry in &map.entries {
-                    if let kube::core::cel::cel::common::ast::EntryExpr::MapEntry(me) = &entry.expr {
+                    if let kube::core::cel::cel::common::ast::EntryExpr::MapEntry(me) = &entry.expr
+                    {
                         sum = sum.add(self.cost(&me.key, depth + 1)?.cost);
                         sum = sum.add(self.cost(&me.value, depth + 1)?.cost);
                     }
@@ -482,7 +537,9 @@ impl<'a> Coster<'a> {
             Expr::Struct(st) => {
                 let mut sum = Cost::new(40, 40);
                 for entry in &st.entries {
-                    if let kube::core::cel::cel::common::ast::EntryExpr::StructField(f) = &entry.expr {
+                    if let kube::core::cel::cel::common::ast::EntryExpr::StructField(f) =
+                        &entry.expr
+                    {
                         sum = sum.add(self.cost(&f.value, depth + 1)?.cost);
                     }
                 }
@@ -535,7 +592,9 @@ impl<'a> Coster<'a> {
                     path: false,
                 })
             }
-            Expr::Call(call) => self.call(&call.func_name, call.target.as_deref(), &call.args, depth),
+            Expr::Call(call) => {
+                self.call(&call.func_name, call.target.as_deref(), &call.args, depth)
+            }
             Expr::Unspecified => Ok(Est::of(Cost::new(0, 0), Ty::Dyn)),
         }
     }
@@ -552,9 +611,11 @@ impl<'a> Coster<'a> {
                 size: None,
                 path: true,
             }),
-            "int" | "uint" | "double" | "bool" | "string" | "bytes" | "list" | "map" | "null_type" | "type"
-            | "dyn" => Ok(Est::of(one, Ty::Type)),
-            _ => Err(format!("undeclared reference to '{name}' (in container '')")),
+            "int" | "uint" | "double" | "bool" | "string" | "bytes" | "list" | "map"
+            | "null_type" | "type" | "dyn" => Ok(Est::of(one, Ty::Type)),
+            _ => Err(format!(
+                "undeclared reference to '{name}' (in container '')"
+            )),
         }
     }
 
@@ -585,7 +646,13 @@ impl<'a> Coster<'a> {
         }
     }
 
-    fn call(&mut self, func: &str, target: Option<&IdedExpr>, args: &[IdedExpr], depth: usize) -> Result<Est<'a>, String> {
+    fn call(
+        &mut self,
+        func: &str,
+        target: Option<&IdedExpr>,
+        args: &[IdedExpr],
+        depth: usize,
+    ) -> Result<Est<'a>, String> {
         let mut arg_ests = Vec::with_capacity(args.len());
         for a in args {
             arg_ests.push(self.cost(a, depth + 1)?);
@@ -594,16 +661,21 @@ impl<'a> Coster<'a> {
             Some(t) => Some(self.cost(t, depth + 1)?),
             None => None,
         };
-        let arg_sum = arg_ests.iter().fold(Cost::new(0, 0), |acc, a| acc.add(a.cost));
+        let arg_sum = arg_ests
+            .iter()
+            .fold(Cost::new(0, 0), |acc, a| acc.add(a.cost));
         let target_cost = target_est.as_ref().map_or(Cost::new(0, 0), |t| t.cost);
         let one = Cost::new(1, 1);
-        let arg_size = |c: &Coster<'a>, i: usize| arg_ests.get(i).map_or(UNBOUNDED_SIZE, |a| c.size(a));
+        let arg_size =
+            |c: &Coster<'a>, i: usize| arg_ests.get(i).map_or(UNBOUNDED_SIZE, |a| c.size(a));
         let arg_ty = |i: usize| arg_ests.get(i).map_or(Ty::Dyn, |a| a.ty.clone());
 
         // (function cost excluding argument costs, result type, result size)
         let (fn_cost, ty, size): (Cost, Ty<'a>, Option<Size>) = match (func, &target_est) {
             // Kubernetes library (k8s.io/apiserver/pkg/cel/library/cost.go).
-            ("isSorted" | "sum" | "max" | "min" | "indexOf" | "lastIndexOf", Some(t)) if is_list(&t.ty) => {
+            ("isSorted" | "sum" | "max" | "min" | "indexOf" | "lastIndexOf", Some(t))
+                if is_list(&t.ty) =>
+            {
                 let (elem, _) = iter_elem(&t.ty);
                 let mut el_cost = one;
                 if is_string(&elem) || is_bytes(&elem) {
@@ -616,7 +688,11 @@ impl<'a> Coster<'a> {
                 };
                 (self.size(t).multiply(el_cost), ty, None)
             }
-            ("url", None) if args.len() == 1 => (arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR), Ty::Dyn, None),
+            ("url", None) if args.len() == 1 => (
+                arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR),
+                Ty::Dyn,
+                None,
+            ),
             ("lowerAscii" | "upperAscii" | "substring" | "trim", Some(t)) => {
                 let sz = self.size(t);
                 (sz.factor(STRING_TRAVERSAL_FACTOR), Ty::Str, Some(sz))
@@ -624,11 +700,18 @@ impl<'a> Coster<'a> {
             ("replace", Some(t)) if args.len() >= 2 => {
                 let sz = self.size(t);
                 let size = replace_size(sz, arg_size(self, 0), arg_size(self, 1));
-                (sz.factor(2.0 * STRING_TRAVERSAL_FACTOR), Ty::Str, Some(size))
+                (
+                    sz.factor(2.0 * STRING_TRAVERSAL_FACTOR),
+                    Ty::Str,
+                    Some(size),
+                )
             }
             ("split", Some(t)) => {
                 let sz = self.size(t);
-                let max = args.get(1).and_then(lit_int).map_or(sz.max, |i| u64::try_from(i).unwrap_or(0));
+                let max = args
+                    .get(1)
+                    .and_then(lit_int)
+                    .map_or(sz.max, |i| u64::try_from(i).unwrap_or(0));
                 (
                     sz.factor(2.0 * STRING_TRAVERSAL_FACTOR),
                     Ty::List(Box::new(Ty::Str)),
@@ -640,7 +723,10 @@ impl<'a> Coster<'a> {
                 let sz = if args.is_empty() {
                     Size::new(0, 0)
                 } else {
-                    arg_size(self, 0).multiply(Size::new(list.min.saturating_sub(1), list.max.saturating_sub(1)))
+                    arg_size(self, 0).multiply(Size::new(
+                        list.min.saturating_sub(1),
+                        list.max.saturating_sub(1),
+                    ))
                 };
                 (sz.factor(STRING_TRAVERSAL_FACTOR), Ty::Str, Some(sz))
             }
@@ -648,27 +734,51 @@ impl<'a> Coster<'a> {
                 let sz = self.size(t);
                 let str_cost = sz.add(Size::new(1, 1)).factor(STRING_TRAVERSAL_FACTOR);
                 let regex_cost = arg_size(self, 0).factor(REGEX_LENGTH_FACTOR);
-                let ty = if func == "find" { Ty::Str } else { Ty::List(Box::new(Ty::Str)) };
-                (str_cost.multiply(regex_cost), ty, Some(Size::new(0, sz.max)))
+                let ty = if func == "find" {
+                    Ty::Str
+                } else {
+                    Ty::List(Box::new(Ty::Str))
+                };
+                (
+                    str_cost.multiply(regex_cost),
+                    ty,
+                    Some(Size::new(0, sz.max)),
+                )
             }
-            ("cidr" | "isIP" | "isCIDR" | "ip" | "quantity" | "isQuantity" | "semver" | "isSemver", _)
-                if !args.is_empty() =>
-            {
-                let ty = if func.starts_with("is") { Ty::Bool } else { Ty::Dyn };
+            (
+                "cidr" | "isIP" | "isCIDR" | "ip" | "quantity" | "isQuantity" | "semver"
+                | "isSemver",
+                _,
+            ) if !args.is_empty() => {
+                let ty = if func.starts_with("is") {
+                    Ty::Bool
+                } else {
+                    Ty::Dyn
+                };
                 (arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR), ty, None)
             }
             // cel-go built-ins (checker/cost.go functionCost).
-            ("format", Some(t)) if is_string(&t.ty) => (self.size(t).factor(STRING_TRAVERSAL_FACTOR), Ty::Str, None),
-            ("string", None) if args.len() == 1 && is_bytes(&arg_ty(0)) => {
-                (arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR), Ty::Str, None)
+            ("format", Some(t)) if is_string(&t.ty) => {
+                (self.size(t).factor(STRING_TRAVERSAL_FACTOR), Ty::Str, None)
             }
-            ("bytes", None) if args.len() == 1 && is_string(&arg_ty(0)) => {
-                (arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR), Ty::Bytes, None)
+            ("string", None) if args.len() == 1 && is_bytes(&arg_ty(0)) => (
+                arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR),
+                Ty::Str,
+                None,
+            ),
+            ("bytes", None) if args.len() == 1 && is_string(&arg_ty(0)) => (
+                arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR),
+                Ty::Bytes,
+                None,
+            ),
+            ("startsWith" | "endsWith", Some(t)) if args.len() == 1 && is_string(&t.ty) => (
+                arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR),
+                Ty::Bool,
+                None,
+            ),
+            ("@in", None) if args.len() == 2 && is_list(&arg_ty(1)) => {
+                (arg_size(self, 1), Ty::Bool, None)
             }
-            ("startsWith" | "endsWith", Some(t)) if args.len() == 1 && is_string(&t.ty) => {
-                (arg_size(self, 0).factor(STRING_TRAVERSAL_FACTOR), Ty::Bool, None)
-            }
-            ("@in", None) if args.len() == 2 && is_list(&arg_ty(1)) => (arg_size(self, 1), Ty::Bool, None),
             ("matches", Some(t)) if args.len() == 1 => {
                 let str_cost = self.size(t).factor(STRING_TRAVERSAL_FACTOR);
                 let regex_cost = arg_size(self, 0).factor(REGEX_LENGTH_FACTOR);
@@ -686,7 +796,9 @@ impl<'a> Coster<'a> {
                 return Ok(Est::of(c, Ty::Bool));
             }
             ("_?_:_", None) if arg_ests.len() == 3 => {
-                let c = arg_ests[0].cost.add(arg_ests[1].cost.union(arg_ests[2].cost));
+                let c = arg_ests[0]
+                    .cost
+                    .add(arg_ests[1].cost.union(arg_ests[2].cost));
                 let size = self.size(&arg_ests[1]).union(self.size(&arg_ests[2]));
                 return Ok(Est {
                     cost: c,
@@ -700,7 +812,11 @@ impl<'a> Coster<'a> {
                 let sum = Size::new(l.min.saturating_add(r.min), l.max.saturating_add(r.max));
                 let (lt, rt) = (&arg_ests[0].ty, &arg_ests[1].ty);
                 if is_list(lt) || is_list(rt) {
-                    let ty = if matches!(lt, Ty::List(_)) { lt.clone() } else { rt.clone() };
+                    let ty = if matches!(lt, Ty::List(_)) {
+                        lt.clone()
+                    } else {
+                        rt.clone()
+                    };
                     (one, ty, Some(sum))
                 } else if is_string(lt) || is_string(rt) {
                     (sum.factor(STRING_TRAVERSAL_FACTOR), Ty::Str, Some(sum))
@@ -710,7 +826,9 @@ impl<'a> Coster<'a> {
                     (one, numeric_result(lt, rt), None)
                 }
             }
-            ("_==_" | "_!=_", None) if arg_ests.len() == 2 => (equality_cost(self, &arg_ests), Ty::Bool, None),
+            ("_==_" | "_!=_", None) if arg_ests.len() == 2 => {
+                (equality_cost(self, &arg_ests), Ty::Bool, None)
+            }
             ("_<_" | "_<=_" | "_>_" | "_>=_", None)
                 if arg_ests.len() == 2
                     && (is_string(&arg_ests[0].ty) || is_bytes(&arg_ests[0].ty)) =>
@@ -718,7 +836,11 @@ impl<'a> Coster<'a> {
                 (equality_cost(self, &arg_ests), Ty::Bool, None)
             }
             // O(1) functions.
-            _ => (one, call_result_type(func, target_est.as_ref(), &arg_ests), None),
+            _ => (
+                one,
+                call_result_type(func, target_est.as_ref(), &arg_ests),
+                None,
+            ),
         };
         Ok(Est {
             cost: target_cost.add(fn_cost).add(arg_sum),
@@ -756,12 +878,16 @@ fn numeric_result<'a>(l: &Ty<'a>, r: &Ty<'a>) -> Ty<'a> {
 
 fn call_result_type<'a>(func: &str, target: Option<&Est<'a>>, args: &[Est<'a>]) -> Ty<'a> {
     match func {
-        "size" | "int" | "charAt" | "indexOf" | "lastIndexOf" | "getFullYear" | "getMonth" | "getDayOfMonth"
-        | "getHours" | "getMinutes" | "getSeconds" | "getMilliseconds" | "getDayOfYear" | "getDayOfWeek"
-        | "getDate" | "compareTo" | "sign" | "asInteger" => Ty::Int,
+        "size" | "int" | "charAt" | "indexOf" | "lastIndexOf" | "getFullYear" | "getMonth"
+        | "getDayOfMonth" | "getHours" | "getMinutes" | "getSeconds" | "getMilliseconds"
+        | "getDayOfYear" | "getDayOfWeek" | "getDate" | "compareTo" | "sign" | "asInteger" => {
+            Ty::Int
+        }
         "uint" => Ty::Uint,
         "double" | "asApproximateFloat" => Ty::Double,
-        "string" | "lowerAscii" | "upperAscii" | "trim" | "substring" | "reverse" | "quote" => Ty::Str,
+        "string" | "lowerAscii" | "upperAscii" | "trim" | "substring" | "reverse" | "quote" => {
+            Ty::Str
+        }
         "bytes" => Ty::Bytes,
         "duration" => Ty::Duration,
         "timestamp" => Ty::Timestamp,
@@ -783,9 +909,26 @@ fn call_result_type<'a>(func: &str, target: Option<&Est<'a>>, args: &[Est<'a>]) 
             (Some(a), None) => numeric_result(&a.ty, &a.ty),
             _ => Ty::Dyn,
         },
-        "_==_" | "_!=_" | "_<_" | "_<=_" | "_>_" | "_>=_" | "!_" | "@in" | "@not_strictly_false" | "matches"
-        | "startsWith" | "endsWith" | "contains" | "hasValue" | "isSorted" | "exists" | "all"
-        | "isGreaterThan" | "isLessThan" | "isInteger" => Ty::Bool,
+        "_==_"
+        | "_!=_"
+        | "_<_"
+        | "_<=_"
+        | "_>_"
+        | "_>=_"
+        | "!_"
+        | "@in"
+        | "@not_strictly_false"
+        | "matches"
+        | "startsWith"
+        | "endsWith"
+        | "contains"
+        | "hasValue"
+        | "isSorted"
+        | "exists"
+        | "all"
+        | "isGreaterThan"
+        | "isLessThan"
+        | "isInteger" => Ty::Bool,
         _ => Ty::Dyn,
     }
 }
@@ -795,7 +938,11 @@ fn replace_size(sz: Size, to_replace: Size, replace_with: Size) -> Size {
     let mut count = Size::new(0, 0);
     let mut retained = Size::new(0, 0);
     if to_replace.min == 0 {
-        count.max = if sz.max < u64::MAX { sz.max + 1 } else { sz.max };
+        count.max = if sz.max < u64::MAX {
+            sz.max + 1
+        } else {
+            sz.max
+        };
         retained.max = sz.max;
     } else if replace_with.max <= to_replace.min {
         retained.max = sz.max;
@@ -803,7 +950,11 @@ fn replace_size(sz: Size, to_replace: Size, replace_with: Size) -> Size {
         count.max = (sz.max as f64 / to_replace.min as f64).ceil() as u64;
     }
     if to_replace.max == 0 {
-        count.min = if sz.min < u64::MAX { sz.min + 1 } else { sz.min };
+        count.min = if sz.min < u64::MAX {
+            sz.min + 1
+        } else {
+            sz.min
+        };
         retained.min = sz.min;
     } else if to_replace.max <= replace_with.min {
         retained.min = sz.min;

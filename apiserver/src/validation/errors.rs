@@ -192,10 +192,18 @@ pub(crate) fn go_float(f: f64) -> String {
         return "NaN".into();
     }
     if f.is_infinite() {
-        return if f > 0.0 { "+Inf".into() } else { "-Inf".into() };
+        return if f > 0.0 {
+            "+Inf".into()
+        } else {
+            "-Inf".into()
+        };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0".into() } else { "0".into() };
+        return if f.is_sign_negative() {
+            "-0".into()
+        } else {
+            "0".into()
+        };
     }
     // Shortest round-trip digits via `{:e}`, e.g. "1.5e6".
     let sci = format!("{f:e}");
@@ -213,11 +221,7 @@ pub(crate) fn go_float(f: f64) -> String {
     }
     // Plain decimal notation with the shortest digits.
     let s = format!("{f}");
-    if s.contains('e') {
-        sci
-    } else {
-        s
-    }
+    if s.contains('e') { sci } else { s }
 }
 
 /// Go's `%v` for scalars and `%#v` for composite values of a decoded JSON document
@@ -247,18 +251,18 @@ fn go_sharp_v(v: &Value) -> String {
         Value::Number(n) => go_number(n),
         Value::String(s) => go_quote(s),
         Value::Array(items) => {
-            let inner: Vec<String> = items.iter().map(|i| go_sharp_v(i)).collect();
+            let inner: Vec<String> = items.iter().map(go_sharp_v).collect();
             format!("[]interface {{}}{{{}}}", inner.join(", "))
         }
         Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            let inner: Vec<String> = keys
+            // Go prints map keys sorted.
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            let inner: Vec<String> = entries
                 .iter()
-                .map(|k| format!("{}:{}", go_quote(k), go_sharp_v(&map[*k])))
+                .map(|(k, v)| format!("{}:{}", go_quote(k), go_sharp_v(v)))
                 .collect();
             format!("map[string]interface {{}}{{{}}}", inner.join(", "))
         }
     }
 }
-

@@ -66,8 +66,7 @@ impl std::fmt::Display for FieldError {
 impl std::error::Error for FieldError {}
 
 /// `hasBlockingErr`'s extra error (`field.Invalid(nil, nil, ...)`).
-const CEL_SKIPPED: &str =
-    "some validation rules were not checked because the object was invalid; correct the existing errors to complete validation";
+const CEL_SKIPPED: &str = "some validation rules were not checked because the object was invalid; correct the existing errors to complete validation";
 
 /// Prune unknown fields, apply defaults, then validate `object` (the whole custom resource)
 /// against `schema` (the `openAPIV3Schema` of the served version). `old` is the stored
@@ -75,7 +74,11 @@ const CEL_SKIPPED: &str =
 ///
 /// `object` is mutated (pruned and defaulted) even when validation fails, as the real
 /// server does before validating. Never panics, whatever the schema or object.
-pub fn validate_object(schema: &Value, object: &mut Value, old: Option<&Value>) -> Result<(), Vec<FieldError>> {
+pub fn validate_object(
+    schema: &Value,
+    object: &mut Value,
+    old: Option<&Value>,
+) -> Result<(), Vec<FieldError>> {
     let s = compiled(schema);
     normalize(object, &s);
     // The stored object is read back pruned and defaulted by the server as well.
@@ -98,8 +101,15 @@ pub fn validate_object(schema: &Value, object: &mut Value, old: Option<&Value>) 
     if old_lists_ok {
         openapi::validate_list_types(object, &s, "", 0, &mut errs);
     }
-    if errs.iter().any(|e| errors::ErrorType::blocks_cel(&e.reason)) {
-        errs.push(errors::invalid("<nil>", errors::BadValue::Json(&Value::Null), CEL_SKIPPED));
+    if errs
+        .iter()
+        .any(|e| errors::ErrorType::blocks_cel(&e.reason))
+    {
+        errs.push(errors::invalid(
+            "<nil>",
+            errors::BadValue::Json(&Value::Null),
+            CEL_SKIPPED,
+        ));
     } else {
         cel::validate(&s, object, old, "", 0, &mut errs);
     }
@@ -130,7 +140,9 @@ fn normalize(object: &mut Value, s: &Schema) {
 
 /// Parsed schemas with their compiled rules, keyed by the schema's JSON text (validation
 /// runs on every write; compiling CEL each time would dominate).
-static CACHE: LazyLock<Mutex<HashMap<u64, Vec<(String, Arc<Schema>)>>>> = LazyLock::new(Default::default);
+/// Schema JSON text → parsed schema, bucketed by the text's hash.
+type SchemaCache = HashMap<u64, Vec<(String, Arc<Schema>)>>;
+static CACHE: LazyLock<Mutex<SchemaCache>> = LazyLock::new(Default::default);
 const CACHE_CAPACITY: usize = 64;
 
 fn compiled(schema: &Value) -> Arc<Schema> {
@@ -140,7 +152,10 @@ fn compiled(schema: &Value) -> Arc<Schema> {
     let key = hasher.finish();
     {
         let cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(hit) = cache.get(&key).and_then(|b| b.iter().find(|(t, _)| *t == text)) {
+        if let Some(hit) = cache
+            .get(&key)
+            .and_then(|b| b.iter().find(|(t, _)| *t == text))
+        {
             return Arc::clone(&hit.1);
         }
     }
@@ -149,6 +164,9 @@ fn compiled(schema: &Value) -> Arc<Schema> {
     if cache.len() >= CACHE_CAPACITY {
         cache.clear();
     }
-    cache.entry(key).or_default().push((text, Arc::clone(&parsed)));
+    cache
+        .entry(key)
+        .or_default()
+        .push((text, Arc::clone(&parsed)));
     parsed
 }

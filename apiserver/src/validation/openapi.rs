@@ -73,7 +73,10 @@ fn check_type(s: &Schema, data: &Value, name: &str, out: &mut Vec<FieldError>) {
     }
     let type_desc = types.join(",");
     let fail = |out: &mut Vec<FieldError>, got: &str| {
-        let msg = format!("{name} in body must be of type {type_desc}: {}", go_quote(got));
+        let msg = format!(
+            "{name} in body must be of type {type_desc}: {}",
+            go_quote(got)
+        );
         out.push(errors::make(
             field_of(name),
             ErrorType::TypeInvalid,
@@ -88,9 +91,8 @@ fn check_type(s: &Schema, data: &Value, name: &str, out: &mut Vec<FieldError>) {
         return;
     }
     let got = json_type(data);
-    let is_float_int = got == "number"
-        && data.as_f64().is_some_and(is_json_integer)
-        && types.contains(&"integer");
+    let is_float_int =
+        got == "number" && data.as_f64().is_some_and(is_json_integer) && types.contains(&"integer");
     let is_int_float = got == "integer" && types.contains(&"number");
     // A string format on a non-numeric type skips the type check for strings/arrays.
     if !(types.contains(&"number") || types.contains(&"integer"))
@@ -192,18 +194,32 @@ fn check_number(s: &Schema, data: &Value, name: &str, out: &mut Vec<FieldError>)
     };
     if let Some(factor) = s.multiple_of {
         if factor <= 0.0 {
-            let msg = format!("factor MultipleOf declared for {name} must be positive: {}", go_float(factor));
+            let msg = format!(
+                "factor MultipleOf declared for {name} must be positive: {}",
+                go_float(factor)
+            );
             out.push(errors::invalid(field_of(name), BadValue::Json(data), &msg));
         } else {
-            let mult = if factor < 1.0 { 1.0 / factor * f } else { f / factor };
+            let mult = if factor < 1.0 {
+                1.0 / factor * f
+            } else {
+                f / factor
+            };
             if !is_json_integer(mult) {
-                let msg = format!("{name} in body should be a multiple of {}", go_float(factor));
+                let msg = format!(
+                    "{name} in body should be a multiple of {}",
+                    go_float(factor)
+                );
                 out.push(errors::invalid(field_of(name), BadValue::Json(data), &msg));
             }
         }
     }
     if let Some(max) = s.maximum {
-        let bad = if s.exclusive_maximum { f >= max } else { f > max };
+        let bad = if s.exclusive_maximum {
+            f >= max
+        } else {
+            f > max
+        };
         if bad {
             let op = if s.exclusive_maximum {
                 "less than"
@@ -215,7 +231,11 @@ fn check_number(s: &Schema, data: &Value, name: &str, out: &mut Vec<FieldError>)
         }
     }
     if let Some(min) = s.minimum {
-        let bad = if s.exclusive_minimum { f <= min } else { f < min };
+        let bad = if s.exclusive_minimum {
+            f <= min
+        } else {
+            f < min
+        };
         if bad {
             let op = if s.exclusive_minimum {
                 "greater than"
@@ -247,7 +267,12 @@ fn check_slice(
         && size < min
     {
         let msg = format!("{name} in body should have at least {min} items");
-        out.push(errors::make(field_of(name), ErrorType::Invalid, BadValue::Int(size), &msg));
+        out.push(errors::make(
+            field_of(name),
+            ErrorType::Invalid,
+            BadValue::Int(size),
+            &msg,
+        ));
     }
     if let Some(max) = s.max_items
         && size > max
@@ -256,7 +281,12 @@ fn check_slice(
     }
     if s.unique_items && has_duplicates(items) {
         let msg = format!("{name} in body shouldn't contain duplicates");
-        out.push(errors::make(field_of(name), ErrorType::Invalid, BadValue::Str(""), &msg));
+        out.push(errors::make(
+            field_of(name),
+            ErrorType::Invalid,
+            BadValue::Str(""),
+            &msg,
+        ));
     }
 }
 
@@ -269,12 +299,18 @@ fn has_duplicates(items: &[Value]) -> bool {
 
 /// The old list element correlated with a new one: only `x-kubernetes-list-type: map`
 /// (by key fields) and `set` (by value) lists correlate; atomic lists do not.
-pub(crate) fn correlate_item<'a>(s: &Schema, item: &Value, old: Option<&'a Value>) -> Option<&'a Value> {
+pub(crate) fn correlate_item<'a>(
+    s: &Schema,
+    item: &Value,
+    old: Option<&'a Value>,
+) -> Option<&'a Value> {
     let old_items = old?.as_array()?;
     match s.list_type.as_deref() {
         Some("map") if !s.list_map_keys.is_empty() => {
             let key = map_key(s, item)?;
-            old_items.iter().find(|o| map_key(s, o).as_ref() == Some(&key))
+            old_items
+                .iter()
+                .find(|o| map_key(s, o).as_ref() == Some(&key))
         }
         Some("set") => old_items.iter().find(|o| *o == item),
         _ => None,
@@ -326,7 +362,11 @@ fn check_enum(s: &Schema, data: &Value, name: &str, out: &mut Vec<FieldError>) {
             other => serde_json::to_string(other).unwrap_or_default(),
         })
         .collect();
-    out.push(errors::not_supported(field_of(name), BadValue::Json(data), &supported));
+    out.push(errors::not_supported(
+        field_of(name),
+        BadValue::Json(data),
+        &supported,
+    ));
 }
 
 fn check_object(
@@ -343,7 +383,12 @@ fn check_object(
         && num_keys < min
     {
         let msg = format!("{name} in body should have at least {min} properties");
-        out.push(errors::make(field_of(name), ErrorType::Invalid, BadValue::Int(num_keys), &msg));
+        out.push(errors::make(
+            field_of(name),
+            ErrorType::Invalid,
+            BadValue::Int(num_keys),
+            &msg,
+        ));
         return;
     }
     if let Some(max) = s.max_properties
@@ -419,7 +464,9 @@ fn check_junctors(
             }
         }
         if !ok {
-            out.push(composite(format!("{quoted} must validate at least one schema (anyOf)")));
+            out.push(composite(format!(
+                "{quoted} must validate at least one schema (anyOf)"
+            )));
             out.extend(best.unwrap_or_default());
         }
     }
@@ -459,7 +506,11 @@ fn check_junctors(
             out.extend(e);
         }
         if validated != s.all_of.len() {
-            let extra = if validated == 0 { ". None validated" } else { "" };
+            let extra = if validated == 0 {
+                ". None validated"
+            } else {
+                ""
+            };
             out.push(composite(format!(
                 "{quoted} must validate all the schemas (allOf){extra}"
             )));
@@ -468,7 +519,9 @@ fn check_junctors(
     if let Some(not) = &s.not
         && run(not).is_empty()
     {
-        out.push(composite(format!("{quoted} must not validate the schema (not)")));
+        out.push(composite(format!(
+            "{quoted} must not validate the schema (not)"
+        )));
     }
 }
 
@@ -492,7 +545,13 @@ pub(crate) fn path_key(path: &str, key: &str) -> String {
 
 /// `schemaobjectmeta.Validate` for `x-kubernetes-embedded-resource` objects: `apiVersion`
 /// and `kind` are required and well-formed (embedded `metadata` is only type-checked).
-pub(crate) fn validate_embedded(x: &Value, s: &Schema, path: &str, depth: usize, out: &mut Vec<FieldError>) {
+pub(crate) fn validate_embedded(
+    x: &Value,
+    s: &Schema,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<FieldError>,
+) {
     if depth > MAX_DEPTH {
         return;
     }
@@ -520,13 +579,21 @@ pub(crate) fn validate_embedded(x: &Value, s: &Schema, path: &str, depth: usize,
     }
 }
 
-fn embedded_resource_checks(map: &serde_json::Map<String, Value>, path: &str, out: &mut Vec<FieldError>) {
+fn embedded_resource_checks(
+    map: &serde_json::Map<String, Value>,
+    path: &str,
+    out: &mut Vec<FieldError>,
+) {
     let api_version_path = path_child(path, "apiVersion");
     let kind_path = path_child(path, "kind");
     match map.get("apiVersion") {
         None => out.push(errors::required(&api_version_path, "must not be empty")),
         Some(Value::String(v)) if v.is_empty() => {
-            out.push(errors::invalid(&api_version_path, BadValue::Str(v), "must not be empty"));
+            out.push(errors::invalid(
+                &api_version_path,
+                BadValue::Str(v),
+                "must not be empty",
+            ));
         }
         Some(Value::String(v)) => {
             // schema.ParseGroupVersion: at most one '/', both halves non-empty.
@@ -538,15 +605,27 @@ fn embedded_resource_checks(map: &serde_json::Map<String, Value>, path: &str, ou
             };
             if !ok {
                 let detail = format!("unexpected GroupVersion string: {v}");
-                out.push(errors::invalid(&api_version_path, BadValue::Str(v), &detail));
+                out.push(errors::invalid(
+                    &api_version_path,
+                    BadValue::Str(v),
+                    &detail,
+                ));
             }
         }
-        Some(other) => out.push(errors::invalid(&api_version_path, BadValue::Json(other), "must be a string")),
+        Some(other) => out.push(errors::invalid(
+            &api_version_path,
+            BadValue::Json(other),
+            "must be a string",
+        )),
     }
     match map.get("kind") {
         None => out.push(errors::required(&kind_path, "must not be empty")),
         Some(Value::String(v)) if v.is_empty() => {
-            out.push(errors::invalid(&kind_path, BadValue::Str(v), "must not be empty"));
+            out.push(errors::invalid(
+                &kind_path,
+                BadValue::Str(v),
+                "must not be empty",
+            ));
         }
         Some(Value::String(v)) => {
             if let Some(e) = formats::dns1035_label_error(&v.to_lowercase()) {
@@ -554,19 +633,33 @@ fn embedded_resource_checks(map: &serde_json::Map<String, Value>, path: &str, ou
                 out.push(errors::invalid(&kind_path, BadValue::Str(v), &detail));
             }
         }
-        Some(other) => out.push(errors::invalid(&kind_path, BadValue::Json(other), "must be a string")),
+        Some(other) => out.push(errors::invalid(
+            &kind_path,
+            BadValue::Json(other),
+            "must be a string",
+        )),
     }
     if let Some(meta) = map.get("metadata")
         && !meta.is_object()
     {
         let meta_path = path_child(path, "metadata");
-        out.push(errors::invalid(&meta_path, BadValue::Json(meta), "must be an object"));
+        out.push(errors::invalid(
+            &meta_path,
+            BadValue::Json(meta),
+            "must be an object",
+        ));
     }
 }
 
 /// `structurallisttype.ValidateListSetsAndMaps`: duplicates in `set` lists and duplicate
 /// keys in `map` lists.
-pub(crate) fn validate_list_types(x: &Value, s: &Schema, path: &str, depth: usize, out: &mut Vec<FieldError>) {
+pub(crate) fn validate_list_types(
+    x: &Value,
+    s: &Schema,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<FieldError>,
+) {
     if depth > MAX_DEPTH {
         return;
     }
@@ -639,8 +732,10 @@ fn list_map_duplicates(items: &[Value], s: &Schema, path: &str, out: &mut Vec<Fi
         let key = Value::Object(key_obj);
         let fingerprint = serde_json::to_string(&key).unwrap_or_default();
         if seen.insert(fingerprint, ()).is_some() {
-            out.push(errors::duplicate(&path_index(path, i), BadValue::Json(&key)));
+            out.push(errors::duplicate(
+                &path_index(path, i),
+                BadValue::Json(&key),
+            ));
         }
     }
 }
-

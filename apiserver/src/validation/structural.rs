@@ -38,7 +38,10 @@ fn props(raw: &Map<String, Value>) -> Option<&Map<String, Value>> {
 }
 
 fn sub_list<'a>(raw: &'a Map<String, Value>, key: &str) -> Vec<&'a Value> {
-    raw.get(key).and_then(Value::as_array).map(|a| a.iter().collect()).unwrap_or_default()
+    raw.get(key)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().collect())
+        .unwrap_or_default()
 }
 
 /// Run every registration check; see [`super::check_structural`].
@@ -52,7 +55,10 @@ pub(crate) fn check(schema: &Value) -> Vec<FieldError> {
     };
     let mut all = Vec::new();
     if flag(root, "nullable") {
-        all.push(errors::forbidden(&format!("{ROOT}.nullable"), "nullable cannot be true at the root"));
+        all.push(errors::forbidden(
+            &format!("{ROOT}.nullable"),
+            "nullable cannot be true at the root",
+        ));
     }
 
     // Structural schema (ValidateStructural), then defaults, then the CEL context.
@@ -113,31 +119,61 @@ enum Level {
 }
 
 /// `validateStructuralInvariants`.
-fn invariants(s: &Map<String, Value>, lvl: Level, path: &str, depth: usize, out: &mut Vec<FieldError>) {
+fn invariants(
+    s: &Map<String, Value>,
+    lvl: Level,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<FieldError>,
+) {
     if depth > MAX_DEPTH {
         return;
     }
     let ty = s_type(s);
     let items = s.get("items").and_then(Value::as_object);
     if ty == "array" && items.is_none() {
-        out.push(errors::required(&path_child(path, "items"), "must be specified"));
+        out.push(errors::required(
+            &path_child(path, "items"),
+            "must be specified",
+        ));
     }
     if let Some(items) = items {
-        invariants(items, Level::Item, &path_child(path, "items"), depth + 1, out);
+        invariants(
+            items,
+            Level::Item,
+            &path_child(path, "items"),
+            depth + 1,
+            out,
+        );
     }
     if let Some(p) = props(s) {
         for (k, v) in p {
             if let Some(v) = v.as_object() {
-                invariants(v, Level::Field, &path_key(&path_child(path, "properties"), k), depth + 1, out);
+                invariants(
+                    v,
+                    Level::Field,
+                    &path_key(&path_child(path, "properties"), k),
+                    depth + 1,
+                    out,
+                );
             }
         }
     }
     if let Some(ap) = s.get("additionalProperties") {
         if lvl == Level::Root {
-            out.push(errors::forbidden(&path_child(path, "additionalProperties"), "must not be used at the root"));
+            out.push(errors::forbidden(
+                &path_child(path, "additionalProperties"),
+                "must not be used at the root",
+            ));
         }
         if let Some(ap) = ap.as_object() {
-            invariants(ap, Level::Field, &path_child(path, "additionalProperties"), depth + 1, out);
+            invariants(
+                ap,
+                Level::Field,
+                &path_child(path, "additionalProperties"),
+                depth + 1,
+                out,
+            );
         }
     }
     let int_or_string = flag(s, "x-kubernetes-int-or-string");
@@ -164,7 +200,15 @@ fn invariants(s: &Map<String, Value>, lvl: Level, path: &str, depth: usize, out:
         .and_then(Value::as_array)
         .and_then(|a| a.first())
         .is_some_and(|first| is_int_or_string_any_of(first.get("anyOf")));
-    value_validation(s, skip_any_of, skip_first_all_of_any_of, lvl, path, depth, out);
+    value_validation(
+        s,
+        skip_any_of,
+        skip_first_all_of_any_of,
+        lvl,
+        path,
+        depth,
+        out,
+    );
 
     let check_metadata = lvl == Level::Root || embedded;
     let type_path = path_child(path, "type");
@@ -190,7 +234,11 @@ fn invariants(s: &Map<String, Value>, lvl: Level, path: &str, depth: usize, out:
         ));
     }
     if lvl == Level::Root && !ty.is_empty() && ty != "object" {
-        out.push(errors::invalid(&type_path, BadValue::Str(ty), "must be object at the root"));
+        out.push(errors::invalid(
+            &type_path,
+            BadValue::Str(ty),
+            "must be object at the root",
+        ));
     }
     if let Some(p) = props(s) {
         for meta in ["kind", "apiVersion"] {
@@ -199,13 +247,21 @@ fn invariants(s: &Map<String, Value>, lvl: Level, path: &str, depth: usize, out:
                 && s_type(m) != "string"
             {
                 let field = path_child(&path_key(&path_child(path, "properties"), meta), "type");
-                out.push(errors::invalid(&field, BadValue::Str(s_type(m)), "must be string"));
+                out.push(errors::invalid(
+                    &field,
+                    BadValue::Str(s_type(m)),
+                    "must be string",
+                ));
             }
         }
         if let Some(m) = p.get("metadata").and_then(Value::as_object) {
             let mpath = path_key(&path_child(path, "properties"), "metadata");
             if check_metadata && s_type(m) != "object" {
-                out.push(errors::invalid(&path_child(&mpath, "type"), BadValue::Str(s_type(m)), "must be object"));
+                out.push(errors::invalid(
+                    &path_child(&mpath, "type"),
+                    BadValue::Str(s_type(m)),
+                    "must be object",
+                ));
             }
             if lvl == Level::Root && !root_metadata_ok(m) {
                 out.push(errors::forbidden(
@@ -228,9 +284,9 @@ fn invariants(s: &Map<String, Value>, lvl: Level, path: &str, depth: usize, out:
 fn root_metadata_ok(m: &Map<String, Value>) -> bool {
     m.iter().all(|(k, v)| match k.as_str() {
         "type" | "default" => true,
-        "properties" => v.as_object().is_some_and(|p| {
-            !p.is_empty() && p.keys().all(|k| k == "name" || k == "generateName")
-        }),
+        "properties" => v
+            .as_object()
+            .is_some_and(|p| !p.is_empty() && p.keys().all(|k| k == "name" || k == "generateName")),
         _ => false,
     })
 }
@@ -262,15 +318,36 @@ fn value_validation(
     }
     if !skip_any_of {
         for (i, v) in sub_list(s, "anyOf").into_iter().enumerate() {
-            nested(v, false, lvl, &path_index(&path_child(path, "anyOf"), i), depth + 1, out);
+            nested(
+                v,
+                false,
+                lvl,
+                &path_index(&path_child(path, "anyOf"), i),
+                depth + 1,
+                out,
+            );
         }
     }
     for (i, v) in sub_list(s, "allOf").into_iter().enumerate() {
         let skip = skip_first_all_of_any_of && i == 0;
-        nested(v, skip, lvl, &path_index(&path_child(path, "allOf"), i), depth + 1, out);
+        nested(
+            v,
+            skip,
+            lvl,
+            &path_index(&path_child(path, "allOf"), i),
+            depth + 1,
+            out,
+        );
     }
     for (i, v) in sub_list(s, "oneOf").into_iter().enumerate() {
-        nested(v, false, lvl, &path_index(&path_child(path, "oneOf"), i), depth + 1, out);
+        nested(
+            v,
+            false,
+            lvl,
+            &path_index(&path_child(path, "oneOf"), i),
+            depth + 1,
+            out,
+        );
     }
     if let Some(not) = s.get("not") {
         nested(not, false, lvl, &path_child(path, "not"), depth + 1, out);
@@ -279,12 +356,23 @@ fn value_validation(
         && let Err(e) = regex::Regex::new(p)
     {
         let detail = format!("must be a valid regular expression, but isn't: {e}");
-        out.push(errors::invalid(&path_child(path, "pattern"), BadValue::Str(p), &detail));
+        out.push(errors::invalid(
+            &path_child(path, "pattern"),
+            BadValue::Str(p),
+            &detail,
+        ));
     }
 }
 
 /// `validateNestedValueValidation`: inside anyOf/allOf/oneOf/not only value validations.
-fn nested(v: &Value, skip_any_of: bool, lvl: Level, path: &str, depth: usize, out: &mut Vec<FieldError>) {
+fn nested(
+    v: &Value,
+    skip_any_of: bool,
+    lvl: Level,
+    path: &str,
+    depth: usize,
+    out: &mut Vec<FieldError>,
+) {
     let Some(v) = v.as_object() else {
         return;
     };
@@ -293,27 +381,53 @@ fn nested(v: &Value, skip_any_of: bool, lvl: Level, path: &str, depth: usize, ou
     }
     value_validation(v, skip_any_of, false, lvl, path, depth, out);
     if let Some(items) = v.get("items") {
-        nested(items, false, lvl, &path_child(path, "items"), depth + 1, out);
+        nested(
+            items,
+            false,
+            lvl,
+            &path_child(path, "items"),
+            depth + 1,
+            out,
+        );
     }
     if let Some(p) = props(v) {
         for (k, fld) in p {
-            nested(fld, false, Level::Field, &path_key(&path_child(path, "properties"), k), depth + 1, out);
+            nested(
+                fld,
+                false,
+                Level::Field,
+                &path_key(&path_child(path, "properties"), k),
+                depth + 1,
+                out,
+            );
         }
     }
-    let forbid = |out: &mut Vec<FieldError>, key: &str, msg: &str| out.push(errors::forbidden(&path_child(path, key), msg));
+    let forbid = |out: &mut Vec<FieldError>, key: &str, msg: &str| {
+        out.push(errors::forbidden(&path_child(path, key), msg))
+    };
     if !s_type(v).is_empty() {
         forbid(out, "type", "must be empty to be structural");
     }
     if v.contains_key("additionalProperties") {
-        forbid(out, "additionalProperties", "must be undefined to be structural");
+        forbid(
+            out,
+            "additionalProperties",
+            "must be undefined to be structural",
+        );
     }
     if v.contains_key("default") {
         forbid(out, "default", "must be undefined to be structural");
     }
-    if v.get("title").and_then(Value::as_str).is_some_and(|t| !t.is_empty()) {
+    if v.get("title")
+        .and_then(Value::as_str)
+        .is_some_and(|t| !t.is_empty())
+    {
         forbid(out, "title", "must be empty to be structural");
     }
-    if v.get("description").and_then(Value::as_str).is_some_and(|t| !t.is_empty()) {
+    if v.get("description")
+        .and_then(Value::as_str)
+        .is_some_and(|t| !t.is_empty())
+    {
         forbid(out, "description", "must be empty to be structural");
     }
     if flag(v, "nullable") {
@@ -323,25 +437,59 @@ fn nested(v: &Value, skip_any_of: bool, lvl: Level, path: &str, depth: usize, ou
         forbid(out, "externalDocs", "must be undefined to be structural");
     }
     if flag(v, "x-kubernetes-preserve-unknown-fields") {
-        forbid(out, "x-kubernetes-preserve-unknown-fields", "must be false to be structural");
+        forbid(
+            out,
+            "x-kubernetes-preserve-unknown-fields",
+            "must be false to be structural",
+        );
     }
     if flag(v, "x-kubernetes-embedded-resource") {
-        forbid(out, "x-kubernetes-embedded-resource", "must be false to be structural");
+        forbid(
+            out,
+            "x-kubernetes-embedded-resource",
+            "must be false to be structural",
+        );
     }
     if flag(v, "x-kubernetes-int-or-string") {
-        forbid(out, "x-kubernetes-int-or-string", "must be false to be structural");
+        forbid(
+            out,
+            "x-kubernetes-int-or-string",
+            "must be false to be structural",
+        );
     }
-    if v.get("x-kubernetes-list-map-keys").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-        forbid(out, "x-kubernetes-list-map-keys", "must be empty to be structural");
+    if v.get("x-kubernetes-list-map-keys")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty())
+    {
+        forbid(
+            out,
+            "x-kubernetes-list-map-keys",
+            "must be empty to be structural",
+        );
     }
     if v.contains_key("x-kubernetes-list-type") {
-        forbid(out, "x-kubernetes-list-type", "must be undefined to be structural");
+        forbid(
+            out,
+            "x-kubernetes-list-type",
+            "must be undefined to be structural",
+        );
     }
     if v.contains_key("x-kubernetes-map-type") {
-        forbid(out, "x-kubernetes-map-type", "must be undefined to be structural");
+        forbid(
+            out,
+            "x-kubernetes-map-type",
+            "must be undefined to be structural",
+        );
     }
-    if v.get("x-kubernetes-validations").and_then(Value::as_array).is_some_and(|a| !a.is_empty()) {
-        forbid(out, "x-kubernetes-validations", "must be empty to be structural");
+    if v.get("x-kubernetes-validations")
+        .and_then(Value::as_array)
+        .is_some_and(|a| !a.is_empty())
+    {
+        forbid(
+            out,
+            "x-kubernetes-validations",
+            "must be empty to be structural",
+        );
     }
     if props(v).is_some_and(|p| p.contains_key("metadata")) {
         out.push(errors::forbidden(
@@ -390,7 +538,10 @@ fn nested_completeness(
     out: &mut Vec<FieldError>,
 ) {
     let Some(s) = s else {
-        out.push(errors::required(s_path, &format!("because it is defined in {v_path}")));
+        out.push(errors::required(
+            s_path,
+            &format!("because it is defined in {v_path}"),
+        ));
         return;
     };
     junctor_completeness(v, Some(s), s_path, v_path, depth, out);
@@ -412,7 +563,10 @@ fn nested_completeness(
             let vp = path_key(&path_child(v_path, "properties"), k);
             match props(s).and_then(|sp| sp.get(k)).and_then(Value::as_object) {
                 Some(sf) => nested_completeness(fld, Some(sf), &sp, &vp, depth + 1, out),
-                None => out.push(errors::required(&sp, &format!("because it is defined in {vp}"))),
+                None => out.push(errors::required(
+                    &sp,
+                    &format!("because it is defined in {vp}"),
+                )),
             }
         }
     }
@@ -433,7 +587,11 @@ fn validate_defaults(raw: &Value, path: &str, depth: usize, out: &mut Vec<FieldE
         let mut pruned = default.clone();
         mutate::prune_value(&mut pruned, &node);
         if &pruned != default {
-            out.push(errors::invalid(&default_path, BadValue::Json(default), "must not have unknown fields"));
+            out.push(errors::invalid(
+                &default_path,
+                BadValue::Json(default),
+                "must not have unknown fields",
+            ));
         } else {
             let mut errs = Vec::new();
             openapi::validate(&node, default, "", None, 0, &mut errs);
@@ -452,11 +610,21 @@ fn validate_defaults(raw: &Value, path: &str, depth: usize, out: &mut Vec<FieldE
     }
     if let Some(p) = props(s) {
         for (k, v) in p {
-            validate_defaults(v, &path_key(&path_child(path, "properties"), k), depth + 1, out);
+            validate_defaults(
+                v,
+                &path_key(&path_child(path, "properties"), k),
+                depth + 1,
+                out,
+            );
         }
     }
     if let Some(ap @ Value::Object(_)) = s.get("additionalProperties") {
-        validate_defaults(ap, &path_child(path, "additionalProperties"), depth + 1, out);
+        validate_defaults(
+            ap,
+            &path_child(path, "additionalProperties"),
+            depth + 1,
+            out,
+        );
     }
 }
 
@@ -471,7 +639,7 @@ impl TotalCost {
     fn observe(&mut self, path: String, cost: u64) {
         self.total = self.total.saturating_add(cost);
         self.most_expensive.push((path, cost));
-        self.most_expensive.sort_by(|a, b| b.1.cmp(&a.1));
+        self.most_expensive.sort_by_key(|e| std::cmp::Reverse(e.1));
         self.most_expensive.truncate(4);
     }
 }
@@ -500,7 +668,10 @@ impl Ctx {
     }
     fn forbid_old_self(&self, path: &str) -> Ctx {
         Ctx {
-            uncorrelatable: self.uncorrelatable.clone().or_else(|| Some(path.to_string())),
+            uncorrelatable: self
+                .uncorrelatable
+                .clone()
+                .or_else(|| Some(path.to_string())),
             ..self.clone()
         }
     }
@@ -546,7 +717,14 @@ fn has_newlines(s: &str) -> bool {
 type Errs = (Vec<FieldError>, Vec<FieldError>);
 
 /// `ValidateCustomResourceDefinitionOpenAPISchema`: returns (schema errors, CEL errors).
-fn openapi_schema(raw: &Value, path: &str, ctx: &Ctx, is_root: bool, depth: usize, total: &mut TotalCost) -> Errs {
+fn openapi_schema(
+    raw: &Value,
+    path: &str,
+    ctx: &Ctx,
+    is_root: bool,
+    depth: usize,
+    total: &mut TotalCost,
+) -> Errs {
     let mut se = Vec::new();
     let mut ce = Vec::new();
     let Some(s) = raw.as_object() else {
@@ -575,17 +753,40 @@ fn openapi_schema(raw: &Value, path: &str, ctx: &Ctx, is_root: bool, depth: usiz
                 "additionalProperties and properties are mutual exclusive",
             ));
         }
-        let mut sub = ctx.child(s.get("maxProperties").and_then(Value::as_i64), ap.get("x-kubernetes-embedded-resource").and_then(Value::as_bool).unwrap_or(false), ctx.cel);
+        let mut sub = ctx.child(
+            s.get("maxProperties").and_then(Value::as_i64),
+            ap.get("x-kubernetes-embedded-resource")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            ctx.cel,
+        );
         if ctx.inside_meta {
             sub = sub.forbid_defaults("inside additionalProperties applying to object metadata");
         }
-        merge(openapi_schema(ap, &path_child(path, "additionalProperties"), &sub, false, depth + 1, total), &mut se, &mut ce);
+        merge(
+            openapi_schema(
+                ap,
+                &path_child(path, "additionalProperties"),
+                &sub,
+                false,
+                depth + 1,
+                total,
+            ),
+            &mut se,
+            &mut ce,
+        );
     }
     if let Some(p) = props(s) {
-        let map_correlatable = matches!(s.get("x-kubernetes-map-type").and_then(Value::as_str), None | Some("granular") | Some(""));
+        let map_correlatable = matches!(
+            s.get("x-kubernetes-map-type").and_then(Value::as_str),
+            None | Some("granular") | Some("")
+        );
         let embedded = flag(s, "x-kubernetes-embedded-resource");
         for (name, prop) in p {
-            let child_embedded = prop.get("x-kubernetes-embedded-resource").and_then(Value::as_bool).unwrap_or(false);
+            let child_embedded = prop
+                .get("x-kubernetes-embedded-resource")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             let mut sub = ctx.child(Some(1), child_embedded, ctx.cel);
             if !map_correlatable {
                 sub = sub.forbid_old_self(path);
@@ -597,32 +798,71 @@ fn openapi_schema(raw: &Value, path: &str, ctx: &Ctx, is_root: bool, depth: usiz
                 }
             }
             let ppath = path_key(&path_child(path, "properties"), name);
-            merge(openapi_schema(prop, &ppath, &sub, false, depth + 1, total), &mut se, &mut ce);
+            merge(
+                openapi_schema(prop, &ppath, &sub, false, depth + 1, total),
+                &mut se,
+                &mut ce,
+            );
         }
     }
-    let no_cel = Ctx { cel: false, ..ctx.clone() };
+    let no_cel = Ctx {
+        cel: false,
+        ..ctx.clone()
+    };
     if let Some(not) = s.get("not") {
-        merge(openapi_schema(not, &path_child(path, "not"), &no_cel, false, depth + 1, total), &mut se, &mut ce);
+        merge(
+            openapi_schema(
+                not,
+                &path_child(path, "not"),
+                &no_cel,
+                false,
+                depth + 1,
+                total,
+            ),
+            &mut se,
+            &mut ce,
+        );
     }
     for key in ["allOf", "oneOf", "anyOf"] {
         for (i, sub) in sub_list(s, key).into_iter().enumerate() {
             let p = path_index(&path_child(path, key), i);
-            merge(openapi_schema(sub, &p, &no_cel, false, depth + 1, total), &mut se, &mut ce);
+            merge(
+                openapi_schema(sub, &p, &no_cel, false, depth + 1, total),
+                &mut se,
+                &mut ce,
+            );
         }
     }
     let list_type = s.get("x-kubernetes-list-type").and_then(Value::as_str);
     if let Some(items @ Value::Object(_)) = s.get("items") {
         let mut sub = ctx.child(
             s.get("maxItems").and_then(Value::as_i64),
-            items.get("x-kubernetes-embedded-resource").and_then(Value::as_bool).unwrap_or(false),
+            items
+                .get("x-kubernetes-embedded-resource")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             ctx.cel,
         );
         if list_type != Some("map") {
             sub = sub.forbid_old_self(path);
         }
-        merge(openapi_schema(items, &path_child(path, "items"), &sub, false, depth + 1, total), &mut se, &mut ce);
+        merge(
+            openapi_schema(
+                items,
+                &path_child(path, "items"),
+                &sub,
+                false,
+                depth + 1,
+                total,
+            ),
+            &mut se,
+            &mut ce,
+        );
     }
-    if s.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(false) {
+    if s.get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(false)
+    {
         se.push(errors::invalid(
             &path_child(path, "x-kubernetes-preserve-unknown-fields"),
             BadValue::Json(&Value::Bool(false)),
@@ -633,7 +873,12 @@ fn openapi_schema(raw: &Value, path: &str, ctx: &Ctx, is_root: bool, depth: usiz
 
     let rules = parse_rules(s.get("x-kubernetes-validations"));
     for (i, rule) in rules.iter().enumerate() {
-        rule_shape_checks(s, rule, &path_index(&path_child(path, "x-kubernetes-validations"), i), &mut se);
+        rule_shape_checks(
+            s,
+            rule,
+            &path_index(&path_child(path, "x-kubernetes-validations"), i),
+            &mut se,
+        );
     }
     if !rules.is_empty() && se.is_empty() && ctx.cel {
         cel_checks(raw, &rules, path, ctx, total, &mut ce);
@@ -647,11 +892,19 @@ fn standard_checks(s: &Map<String, Value>, path: &str, ctx: &Ctx, out: &mut Vec<
     if let Some(t) = s.get("type")
         && !t.is_string()
     {
-        out.push(errors::invalid(&path_child(path, "type"), BadValue::Json(t), "must be a string"));
+        out.push(errors::invalid(
+            &path_child(path, "type"),
+            BadValue::Json(t),
+            "must be a string",
+        ));
     }
     if !ty.is_empty() && ty != "null" && !OPENAPI_V3_TYPES.contains(&ty) {
         let valid: Vec<String> = OPENAPI_V3_TYPES.iter().map(|t| t.to_string()).collect();
-        out.push(errors::not_supported(&path_child(path, "type"), BadValue::Str(ty), &valid));
+        out.push(errors::not_supported(
+            &path_child(path, "type"),
+            BadValue::Str(ty),
+            &valid,
+        ));
     }
     if s.contains_key("default") && !ctx.allow_defaults {
         let mut detail = "must not be set".to_string();
@@ -687,7 +940,10 @@ fn standard_checks(s: &Map<String, Value>, path: &str, ctx: &Ctx, out: &mut Vec<
         ));
     }
     if s.get("items").is_some_and(Value::is_array) {
-        out.push(errors::forbidden(&path_child(path, "items"), "items must be a schema object and not an array"));
+        out.push(errors::forbidden(
+            &path_child(path, "items"),
+            "items must be a schema object and not an array",
+        ));
     }
     if ctx.inside_meta && flag(s, "x-kubernetes-embedded-resource") {
         out.push(errors::forbidden(
@@ -697,7 +953,13 @@ fn standard_checks(s: &Map<String, Value>, path: &str, ctx: &Ctx, out: &mut Vec<
     }
 }
 
-fn list_and_map_type_checks(s: &Map<String, Value>, ty: &str, list_type: Option<&str>, path: &str, se: &mut Vec<FieldError>) {
+fn list_and_map_type_checks(
+    s: &Map<String, Value>,
+    ty: &str,
+    list_type: Option<&str>,
+    path: &str,
+    se: &mut Vec<FieldError>,
+) {
     let type_path = path_child(path, "type");
     let map_type = s.get("x-kubernetes-map-type").and_then(Value::as_str);
     if map_type.is_some() && ty != "object" {
@@ -757,26 +1019,43 @@ fn list_and_map_type_checks(s: &Map<String, Value>, ty: &str, list_type: Option<
     let keys: Vec<String> = s
         .get("x-kubernetes-list-map-keys")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|k| k.as_str().map(str::to_string)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|k| k.as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
     let keys_value = Value::Array(keys.iter().map(|k| Value::String(k.clone())).collect());
     let keys_path = path_child(path, "x-kubernetes-list-map-keys");
     if !keys.is_empty() {
         let msg = "must be map if x-kubernetes-list-map-keys is non-empty";
         match list_type {
-            None => se.push(errors::required(&path_child(path, "x-kubernetes-list-type"), msg)),
+            None => se.push(errors::required(
+                &path_child(path, "x-kubernetes-list-type"),
+                msg,
+            )),
             Some(lt) if lt != "map" => {
-                se.push(errors::invalid(&path_child(path, "x-kubernetes-list-type"), BadValue::Str(lt), msg));
+                se.push(errors::invalid(
+                    &path_child(path, "x-kubernetes-list-type"),
+                    BadValue::Str(lt),
+                    msg,
+                ));
             }
             _ => {}
         }
     }
     if list_type == Some("map") {
         if keys.is_empty() {
-            se.push(errors::required(&keys_path, "must not be empty if x-kubernetes-list-type is map"));
+            se.push(errors::required(
+                &keys_path,
+                "must not be empty if x-kubernetes-list-type is map",
+            ));
         }
         match items {
-            None => se.push(errors::required(&path_child(path, "items"), "must have a schema if x-kubernetes-list-type is map")),
+            None => se.push(errors::required(
+                &path_child(path, "items"),
+                "must have a schema if x-kubernetes-list-type is map",
+            )),
             Some(is) if s_type(is) != "object" => se.push(errors::invalid(
                 &path_child(&path_child(path, "items"), "type"),
                 BadValue::Str(s_type(is)),
@@ -799,7 +1078,11 @@ fn list_and_map_type_checks(s: &Map<String, Value>, ty: &str, list_type: Option<
                         )),
                     }
                     if seen.contains(&k) {
-                        se.push(errors::invalid(&keys_path, BadValue::Json(&keys_value), "must not contain duplicate entries"));
+                        se.push(errors::invalid(
+                            &keys_path,
+                            BadValue::Json(&keys_value),
+                            "must not contain duplicate entries",
+                        ));
                     }
                     seen.push(k);
                 }
@@ -843,41 +1126,79 @@ fn list_and_map_type_checks(s: &Map<String, Value>, ty: &str, list_type: Option<
 }
 
 /// Per-rule shape checks done before compilation.
-fn rule_shape_checks(s: &Map<String, Value>, rule: &RuleSpec, rpath: &str, se: &mut Vec<FieldError>) {
+fn rule_shape_checks(
+    s: &Map<String, Value>,
+    rule: &RuleSpec,
+    rpath: &str,
+    se: &mut Vec<FieldError>,
+) {
     let trimmed_rule = rule.rule.trim();
     let message = rule.message.as_deref().unwrap_or("");
     let trimmed_msg = message.trim();
     if trimmed_rule.is_empty() {
-        se.push(errors::required(&path_child(rpath, "rule"), "rule is not specified"));
+        se.push(errors::required(
+            &path_child(rpath, "rule"),
+            "rule is not specified",
+        ));
     } else if !message.is_empty() && trimmed_msg.is_empty() {
-        se.push(errors::invalid(&path_child(rpath, "message"), BadValue::Str(message), "message must be non-empty if specified"));
+        se.push(errors::invalid(
+            &path_child(rpath, "message"),
+            BadValue::Str(message),
+            "message must be non-empty if specified",
+        ));
     } else if has_newlines(trimmed_msg) {
-        se.push(errors::invalid(&path_child(rpath, "message"), BadValue::Str(message), "message must not contain line breaks"));
+        se.push(errors::invalid(
+            &path_child(rpath, "message"),
+            BadValue::Str(message),
+            "message must not contain line breaks",
+        ));
     } else if has_newlines(trimmed_rule) && trimmed_msg.is_empty() {
-        se.push(errors::required(&path_child(rpath, "message"), "message must be specified if rule contains line breaks"));
+        se.push(errors::required(
+            &path_child(rpath, "message"),
+            "message must be specified if rule contains line breaks",
+        ));
     }
     if let Some(me) = &rule.message_expression
         && !me.is_empty()
         && me.trim().is_empty()
     {
-        se.push(errors::required(&path_child(rpath, "messageExpression"), "messageExpression must be non-empty if specified"));
+        se.push(errors::required(
+            &path_child(rpath, "messageExpression"),
+            "messageExpression must be non-empty if specified",
+        ));
     }
     if let Some(reason) = &rule.reason
         && !SUPPORTED_REASONS.contains(&reason.as_str())
     {
         let valid: Vec<String> = SUPPORTED_REASONS.iter().map(|r| r.to_string()).collect();
-        se.push(errors::not_supported(&path_child(rpath, "reason"), BadValue::Str(reason), &valid));
+        se.push(errors::not_supported(
+            &path_child(rpath, "reason"),
+            BadValue::Str(reason),
+            &valid,
+        ));
     }
     if let Some(fp) = &rule.field_path {
         let fpath = path_child(rpath, "fieldPath");
         if !fp.is_empty() && fp.trim().is_empty() {
-            se.push(errors::invalid(&fpath, BadValue::Str(fp), "fieldPath must be non-empty if specified"));
+            se.push(errors::invalid(
+                &fpath,
+                BadValue::Str(fp),
+                "fieldPath must be non-empty if specified",
+            ));
         }
         if has_newlines(fp) {
-            se.push(errors::invalid(&fpath, BadValue::Str(fp), "fieldPath must not contain line breaks"));
+            se.push(errors::invalid(
+                &fpath,
+                BadValue::Str(fp),
+                "fieldPath must not contain line breaks",
+            ));
         }
         if !fp.is_empty() && !field_path_valid(s, fp) {
-            se.push(errors::invalid(&fpath, BadValue::Str(fp), "fieldPath must be a valid path"));
+            se.push(errors::invalid(
+                &fpath,
+                BadValue::Str(fp),
+                "fieldPath must be a valid path",
+            ));
         }
     }
 }
@@ -918,7 +1239,9 @@ fn field_path_valid(s: &Map<String, Value>, fp: &str) -> bool {
     for (bracket, seg) in segments {
         let next = if let Some(p) = props(node).and_then(|p| p.get(&seg)) {
             p.as_object()
-        } else if bracket && let Some(ap) = node.get("additionalProperties").and_then(Value::as_object) {
+        } else if bracket
+            && let Some(ap) = node.get("additionalProperties").and_then(Value::as_object)
+        {
             Some(ap)
         } else if bracket && seg.parse::<usize>().is_ok() {
             node.get("items").and_then(Value::as_object)
@@ -934,56 +1257,109 @@ fn field_path_valid(s: &Map<String, Value>, fp: &str) -> bool {
 }
 
 /// Compile each rule, type-check it against the schema, estimate its cost.
-fn cel_checks(raw: &Value, rules: &[RuleSpec], path: &str, ctx: &Ctx, total: &mut TotalCost, ce: &mut Vec<FieldError>) {
+fn cel_checks(
+    raw: &Value,
+    rules: &[RuleSpec],
+    path: &str,
+    ctx: &Ctx,
+    total: &mut TotalCost,
+    ce: &mut Vec<FieldError>,
+) {
     let node = Schema::parse(raw, false);
-    let cardinality = ctx.cardinality.unwrap_or_else(|| cost::unbounded_cardinality(&node));
+    let cardinality = ctx
+        .cardinality
+        .unwrap_or_else(|| cost::unbounded_cardinality(&node));
     for (i, rule) in rules.iter().enumerate() {
         let rpath = path_index(&path_child(path, "x-kubernetes-validations"), i);
         let rule_path = path_child(&rpath, "rule");
         let program = match Program::compile(&rule.rule) {
             Ok(p) => p,
             Err(e) => {
-                let detail = format!("compilation failed: ERROR: <input>: {}", first_line(&e.to_string()));
-                ce.push(errors::invalid(&rule_path, BadValue::Str(&go_rule(rule)), &detail));
+                let detail = format!(
+                    "compilation failed: ERROR: <input>: {}",
+                    first_line(&e.to_string())
+                );
+                ce.push(errors::invalid(
+                    &rule_path,
+                    BadValue::Str(&go_rule(rule)),
+                    &detail,
+                ));
                 continue;
             }
         };
         match cost::estimate(program.expression(), &node, ctx.resource_root) {
             Err(msg) => {
                 let detail = format!("compilation failed: ERROR: <input>:1:1: {msg}");
-                ce.push(errors::invalid(&rule_path, BadValue::Str(&go_rule(rule)), &detail));
+                ce.push(errors::invalid(
+                    &rule_path,
+                    BadValue::Str(&go_rule(rule)),
+                    &detail,
+                ));
             }
             Ok((c, is_bool)) => {
                 if !is_bool {
-                    ce.push(errors::invalid(&rule_path, BadValue::Str(&go_rule(rule)), "cel expression must evaluate to a bool"));
+                    ce.push(errors::invalid(
+                        &rule_path,
+                        BadValue::Str(&go_rule(rule)),
+                        "cel expression must evaluate to a bool",
+                    ));
                 }
-                let expression_cost = if c.max == 0 { 0 } else { c.max.saturating_mul(cardinality) };
+                let expression_cost = if c.max == 0 {
+                    0
+                } else {
+                    c.max.saturating_mul(cardinality)
+                };
                 if expression_cost > cost::PER_RULE_LIMIT {
                     ce.push(errors::forbidden(
                         &rule_path,
-                        &cost::cost_error_message("estimated rule cost", expression_cost, cost::PER_RULE_LIMIT),
+                        &cost::cost_error_message(
+                            "estimated rule cost",
+                            expression_cost,
+                            cost::PER_RULE_LIMIT,
+                        ),
                     ));
                 }
                 total.observe(rule_path.clone(), expression_cost);
             }
         }
-        if let Some(me) = rule.message_expression.as_deref().filter(|m| !m.trim().is_empty()) {
+        if let Some(me) = rule
+            .message_expression
+            .as_deref()
+            .filter(|m| !m.trim().is_empty())
+        {
             let me_path = path_child(&rpath, "messageExpression");
             match Program::compile(me) {
                 Err(e) => {
-                    let detail = format!("messageExpression compilation failed: ERROR: <input>: {}", first_line(&e.to_string()));
-                    ce.push(errors::invalid(&me_path, BadValue::Str(&go_rule(rule)), &detail));
+                    let detail = format!(
+                        "messageExpression compilation failed: ERROR: <input>: {}",
+                        first_line(&e.to_string())
+                    );
+                    ce.push(errors::invalid(
+                        &me_path,
+                        BadValue::Str(&go_rule(rule)),
+                        &detail,
+                    ));
                 }
                 Ok(p) => match cost::estimate(p.expression(), &node, ctx.resource_root) {
                     Err(msg) => {
-                        let detail = format!("messageExpression compilation failed: ERROR: <input>:1:1: {msg}");
-                        ce.push(errors::invalid(&me_path, BadValue::Str(&go_rule(rule)), &detail));
+                        let detail = format!(
+                            "messageExpression compilation failed: ERROR: <input>:1:1: {msg}"
+                        );
+                        ce.push(errors::invalid(
+                            &me_path,
+                            BadValue::Str(&go_rule(rule)),
+                            &detail,
+                        ));
                     }
                     Ok((c, _)) => {
                         if c.max > cost::PER_RULE_LIMIT {
                             ce.push(errors::forbidden(
                                 &me_path,
-                                &cost::cost_error_message("estimated messageExpression cost", c.max, cost::PER_RULE_LIMIT),
+                                &cost::cost_error_message(
+                                    "estimated messageExpression cost",
+                                    c.max,
+                                    cost::PER_RULE_LIMIT,
+                                ),
                             ));
                         }
                         total.observe(me_path.clone(), c.max);
@@ -994,8 +1370,14 @@ fn cel_checks(raw: &Value, rules: &[RuleSpec], path: &str, ctx: &Ctx, total: &mu
         let uses_old_self = program.references().has_variable("oldSelf");
         if uses_old_self {
             if let Some(u) = &ctx.uncorrelatable {
-                let detail = format!("oldSelf cannot be used on the uncorrelatable portion of the schema within {u}");
-                ce.push(errors::invalid(&rule_path, BadValue::Str(&rule.rule), &detail));
+                let detail = format!(
+                    "oldSelf cannot be used on the uncorrelatable portion of the schema within {u}"
+                );
+                ce.push(errors::invalid(
+                    &rule_path,
+                    BadValue::Str(&rule.rule),
+                    &detail,
+                ));
             }
         } else if let Some(b) = rule.optional_old_self {
             ce.push(errors::invalid(
@@ -1010,4 +1392,3 @@ fn cel_checks(raw: &Value, rules: &[RuleSpec], path: &str, ctx: &Ctx, total: &mu
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
 }
-

@@ -19,7 +19,9 @@ fn root(spec_schema: Value) -> Value {
 }
 
 fn validate(schema: &Value, object: &mut Value) -> Vec<FieldError> {
-    validate_object(schema, object, None).err().unwrap_or_default()
+    validate_object(schema, object, None)
+        .err()
+        .unwrap_or_default()
 }
 
 // ── pruning ────────────────────────────────────────────────────────────────
@@ -73,7 +75,9 @@ fn embedded_resource_keeps_its_type_meta() {
         "type": "object", "x-kubernetes-embedded-resource": true,
         "properties": {"spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}
     }}}));
-    let mut o = obj(json!({"template": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"a": 1}, "junk": 1}}));
+    let mut o = obj(
+        json!({"template": {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"a": 1}, "junk": 1}}),
+    );
     assert!(validate_object(&schema, &mut o, None).is_ok());
     assert_eq!(
         o["spec"]["template"],
@@ -83,9 +87,21 @@ fn embedded_resource_keeps_its_type_meta() {
     assert_eq!(
         validate(&schema, &mut missing),
         vec![
-            err("spec.template.apiVersion", "FieldValueRequired", "Required value: must not be empty"),
-            err("spec.template.kind", "FieldValueRequired", "Required value: must not be empty"),
-            err("<nil>", "FieldValueInvalid", &format!("Invalid value: \"null\": {CEL_SKIPPED}")),
+            err(
+                "spec.template.apiVersion",
+                "FieldValueRequired",
+                "Required value: must not be empty"
+            ),
+            err(
+                "spec.template.kind",
+                "FieldValueRequired",
+                "Required value: must not be empty"
+            ),
+            err(
+                "<nil>",
+                "FieldValueInvalid",
+                &format!("Invalid value: \"null\": {CEL_SKIPPED}")
+            ),
         ]
     );
 }
@@ -148,7 +164,9 @@ fn type_error_shape() {
 
 #[test]
 fn integral_floats_are_integers_and_ints_are_numbers() {
-    let schema = root(json!({"type": "object", "properties": {"i": {"type": "integer"}, "n": {"type": "number"}}}));
+    let schema = root(
+        json!({"type": "object", "properties": {"i": {"type": "integer"}, "n": {"type": "number"}}}),
+    );
     let mut o = obj(json!({"i": 2.0, "n": 3}));
     assert!(validate_object(&schema, &mut o, None).is_ok());
     let mut bad = obj(json!({"i": 2.5}));
@@ -169,8 +187,16 @@ fn enum_error_shape() {
     assert_eq!(
         &errs[..2],
         &[
-            err("spec.mode", "FieldValueNotSupported", "Unsupported value: \"Foo\": supported values: \"A\", \"B\""),
-            err("spec.n", "FieldValueNotSupported", "Unsupported value: 3: supported values: \"1\", \"2\""),
+            err(
+                "spec.mode",
+                "FieldValueNotSupported",
+                "Unsupported value: \"Foo\": supported values: \"A\", \"B\""
+            ),
+            err(
+                "spec.n",
+                "FieldValueNotSupported",
+                "Unsupported value: 3: supported values: \"1\", \"2\""
+            ),
         ]
     );
 }
@@ -180,9 +206,15 @@ fn required_error_shape() {
     let schema = json!({"type": "object", "required": ["spec"], "properties": {"spec": {
         "type": "object", "required": ["size"], "properties": {"size": {"type": "integer"}}}}});
     let mut o = obj(json!({}));
-    assert_eq!(validate(&schema, &mut o)[0], err("spec.size", "FieldValueRequired", "Required value"));
+    assert_eq!(
+        validate(&schema, &mut o)[0],
+        err("spec.size", "FieldValueRequired", "Required value")
+    );
     let mut no_spec = json!({"apiVersion": "a/v1", "kind": "K", "metadata": {}});
-    assert_eq!(validate(&schema, &mut no_spec)[0], err("spec", "FieldValueRequired", "Required value"));
+    assert_eq!(
+        validate(&schema, &mut no_spec)[0],
+        err("spec", "FieldValueRequired", "Required value")
+    );
 }
 
 #[test]
@@ -198,14 +230,41 @@ fn numeric_bounds_and_multiple_of() {
     let mut o = obj(json!({"min": 0, "xmin": 1, "max": 2, "xmax": 10, "mul": 7, "big": 5}));
     let errs = validate(&schema, &mut o);
     let expected = vec![
-        err("spec.big", "FieldValueInvalid", "Invalid value: 5: spec.big in body should be greater than or equal to 1e+06"),
-        err("spec.max", "FieldValueInvalid", "Invalid value: 2: spec.max in body should be less than or equal to 1.5"),
-        err("spec.min", "FieldValueInvalid", "Invalid value: 0: spec.min in body should be greater than or equal to 1"),
-        err("spec.mul", "FieldValueInvalid", "Invalid value: 7: spec.mul in body should be a multiple of 5"),
-        err("spec.xmax", "FieldValueInvalid", "Invalid value: 10: spec.xmax in body should be less than 10"),
-        err("spec.xmin", "FieldValueInvalid", "Invalid value: 1: spec.xmin in body should be greater than 1"),
+        err(
+            "spec.big",
+            "FieldValueInvalid",
+            "Invalid value: 5: spec.big in body should be greater than or equal to 1e+06",
+        ),
+        err(
+            "spec.max",
+            "FieldValueInvalid",
+            "Invalid value: 2: spec.max in body should be less than or equal to 1.5",
+        ),
+        err(
+            "spec.min",
+            "FieldValueInvalid",
+            "Invalid value: 0: spec.min in body should be greater than or equal to 1",
+        ),
+        err(
+            "spec.mul",
+            "FieldValueInvalid",
+            "Invalid value: 7: spec.mul in body should be a multiple of 5",
+        ),
+        err(
+            "spec.xmax",
+            "FieldValueInvalid",
+            "Invalid value: 10: spec.xmax in body should be less than 10",
+        ),
+        err(
+            "spec.xmin",
+            "FieldValueInvalid",
+            "Invalid value: 1: spec.xmin in body should be greater than 1",
+        ),
     ];
-    assert_eq!(errs, expected, "Invalid errors do not block CEL, so no notice");
+    assert_eq!(
+        errs, expected,
+        "Invalid errors do not block CEL, so no notice"
+    );
 }
 
 #[test]
@@ -220,9 +279,21 @@ fn string_length_and_pattern() {
     assert_eq!(
         &errs[..3],
         &[
-            err("spec.long", "FieldValueTooLong", "Too long: may not be longer than 3"),
-            err("spec.pat", "FieldValueInvalid", "Invalid value: \"A1\": spec.pat in body should match '^[a-z]+$'"),
-            err("spec.short", "FieldValueInvalid", "Invalid value: \"ab\": spec.short in body should be at least 3 chars long"),
+            err(
+                "spec.long",
+                "FieldValueTooLong",
+                "Too long: may not be longer than 3"
+            ),
+            err(
+                "spec.pat",
+                "FieldValueInvalid",
+                "Invalid value: \"A1\": spec.pat in body should match '^[a-z]+$'"
+            ),
+            err(
+                "spec.short",
+                "FieldValueInvalid",
+                "Invalid value: \"ab\": spec.short in body should be at least 3 chars long"
+            ),
         ]
     );
 }
@@ -239,9 +310,17 @@ fn list_bounds_and_item_paths() {
     assert_eq!(
         &errs[..3],
         &[
-            err("spec.few", "FieldValueInvalid", "Invalid value: 1: spec.few in body should have at least 2 items"),
+            err(
+                "spec.few",
+                "FieldValueInvalid",
+                "Invalid value: 1: spec.few in body should have at least 2 items"
+            ),
             err("spec.many[1].name", "FieldValueRequired", "Required value"),
-            err("spec.many", "FieldValueTooMany", "Too many: 2: must have at most 1 items"),
+            err(
+                "spec.many",
+                "FieldValueTooMany",
+                "Too many: 2: must have at most 1 items"
+            ),
         ]
     );
 }
@@ -257,8 +336,16 @@ fn map_values_and_property_counts() {
     assert_eq!(
         &errs[..2],
         &[
-            err("spec.few", "FieldValueInvalid", "Invalid value: 0: spec.few in body should have at least 1 properties"),
-            err("spec.labels.foo", "FieldValueTooLong", "Too long: may not be longer than 2"),
+            err(
+                "spec.few",
+                "FieldValueInvalid",
+                "Invalid value: 0: spec.few in body should have at least 1 properties"
+            ),
+            err(
+                "spec.labels.foo",
+                "FieldValueTooLong",
+                "Too long: may not be longer than 2"
+            ),
         ]
     );
 }
@@ -316,8 +403,13 @@ fn formats() {
         "n": {"type": "integer", "format": "int32"},
         "u": {"type": "string", "format": "uuid"}
     }}));
-    let mut ok = obj(json!({"t": "2024-01-02T03:04:05Z", "n": 9_999_999_999i64, "u": "6ba7b810-9dad-11d1-80b4-00c04fd430c8"}));
-    assert!(validate_object(&schema, &mut ok, None).is_ok(), "int32 is not an enforced format");
+    let mut ok = obj(
+        json!({"t": "2024-01-02T03:04:05Z", "n": 9_999_999_999i64, "u": "6ba7b810-9dad-11d1-80b4-00c04fd430c8"}),
+    );
+    assert!(
+        validate_object(&schema, &mut ok, None).is_ok(),
+        "int32 is not an enforced format"
+    );
     let mut bad = obj(json!({"t": "yesterday"}));
     assert_eq!(
         validate(&schema, &mut bad)[0],
@@ -338,7 +430,11 @@ fn any_of_failure_is_reported_at_nil_path() {
     let errs = validate(&schema, &mut o);
     assert_eq!(
         errs[0],
-        err("<nil>", "FieldValueInvalid", "Invalid value: \"\": \"spec.v\" must validate at least one schema (anyOf)")
+        err(
+            "<nil>",
+            "FieldValueInvalid",
+            "Invalid value: \"\": \"spec.v\" must validate at least one schema (anyOf)"
+        )
     );
     assert_eq!(errs[1].field, "spec.v");
 }
@@ -361,7 +457,8 @@ fn list_type_map_duplicate_keys() {
         "type": "array", "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"],
         "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "port": {"type": "integer"}}}
     }}}));
-    let mut o = obj(json!({"ports": [{"name": "a", "port": 1}, {"name": "b"}, {"name": "a", "port": 2}]}));
+    let mut o =
+        obj(json!({"ports": [{"name": "a", "port": 1}, {"name": "b"}, {"name": "a", "port": 2}]}));
     assert_eq!(
         validate(&schema, &mut o),
         vec![err(
@@ -380,7 +477,11 @@ fn list_type_set_duplicates() {
     let mut o = obj(json!({"tags": ["a", "b", "a", "a"]}));
     assert_eq!(
         validate(&schema, &mut o),
-        vec![err("spec.tags[2]", "FieldValueDuplicate", "Duplicate value: \"a\"")]
+        vec![err(
+            "spec.tags[2]",
+            "FieldValueDuplicate",
+            "Duplicate value: \"a\""
+        )]
     );
 }
 
@@ -411,8 +512,16 @@ fn cel_rule_accepts_and_rejects() {
     assert_eq!(
         validate(&schema, &mut bad),
         vec![
-            err("spec", "FieldValueInvalid", "Invalid value: \"object\": minSize must not exceed maxSize"),
-            err("spec.name", "FieldValueInvalid", "Invalid value: \"string\": failed rule: self.startsWith('t')"),
+            err(
+                "spec",
+                "FieldValueInvalid",
+                "Invalid value: \"object\": minSize must not exceed maxSize"
+            ),
+            err(
+                "spec.name",
+                "FieldValueInvalid",
+                "Invalid value: \"string\": failed rule: self.startsWith('t')"
+            ),
         ]
     );
 }
@@ -426,7 +535,11 @@ fn transition_rule_only_on_update() {
     let mut updated = obj(json!({"minSize": 1, "maxSize": 2, "size": 5, "name": "t"}));
     assert_eq!(
         validate_object(&schema, &mut updated, Some(&old)).unwrap_err(),
-        vec![err("spec.size", "FieldValueForbidden", "Forbidden: size is immutable")]
+        vec![err(
+            "spec.size",
+            "FieldValueForbidden",
+            "Forbidden: size is immutable"
+        )]
     );
     let mut same = obj(json!({"minSize": 1, "maxSize": 2, "size": 1, "name": "t"}));
     assert!(validate_object(&schema, &mut same, Some(&old)).is_ok());
@@ -439,7 +552,14 @@ fn cel_skipped_when_blocking_errors_exist() {
     let errs = validate(&schema, &mut o);
     assert_eq!(errs.len(), 2);
     assert_eq!(errs[0].reason, "FieldValueTypeInvalid");
-    assert_eq!(errs[1], err("<nil>", "FieldValueInvalid", &format!("Invalid value: \"null\": {CEL_SKIPPED}")));
+    assert_eq!(
+        errs[1],
+        err(
+            "<nil>",
+            "FieldValueInvalid",
+            &format!("Invalid value: \"null\": {CEL_SKIPPED}")
+        )
+    );
 }
 
 #[test]
@@ -453,7 +573,10 @@ fn ratcheting_ignores_unchanged_invalid_values() {
     let mut updated = obj(json!({"a": "long", "b": "long", "c": 2}));
     assert!(validate_object(&schema, &mut updated, Some(&old)).is_ok());
     let mut changed = obj(json!({"a": "longer", "b": "long", "c": 2}));
-    assert_eq!(validate_object(&schema, &mut changed, Some(&old)).unwrap_err()[0].field, "spec.a");
+    assert_eq!(
+        validate_object(&schema, &mut changed, Some(&old)).unwrap_err()[0].field,
+        "spec.a"
+    );
 }
 
 #[test]
@@ -467,14 +590,25 @@ fn cel_map_entries_and_list_map_correlation() {
                 "size": {"type": "integer", "x-kubernetes-validations": [{"rule": "self >= oldSelf", "message": "cannot shrink"}]}
             }}}
     }}));
-    let old = obj(json!({"labels": {}, "disks": [{"name": "a", "size": 10}, {"name": "b", "size": 5}]}));
+    let old =
+        obj(json!({"labels": {}, "disks": [{"name": "a", "size": 10}, {"name": "b", "size": 5}]}));
     // Reordered items correlate by key: "b" shrinks.
-    let mut o = obj(json!({"labels": {"foo": "bad"}, "disks": [{"name": "b", "size": 4}, {"name": "a", "size": 10}]}));
+    let mut o = obj(
+        json!({"labels": {"foo": "bad"}, "disks": [{"name": "b", "size": 4}, {"name": "a", "size": 10}]}),
+    );
     assert_eq!(
         validate_object(&schema, &mut o, Some(&old)).unwrap_err(),
         vec![
-            err("spec.disks[0].size", "FieldValueInvalid", "Invalid value: \"integer\": cannot shrink"),
-            err("spec.labels[foo]", "FieldValueInvalid", "Invalid value: \"string\": no bad"),
+            err(
+                "spec.disks[0].size",
+                "FieldValueInvalid",
+                "Invalid value: \"integer\": cannot shrink"
+            ),
+            err(
+                "spec.labels[foo]",
+                "FieldValueInvalid",
+                "Invalid value: \"string\": no bad"
+            ),
         ]
     );
 }
@@ -487,7 +621,11 @@ fn root_rule_is_reported_at_nil() {
     let mut o = json!({"apiVersion": "a/v1", "kind": "K", "metadata": {"name": "n"}});
     assert_eq!(
         validate(&schema, &mut o),
-        vec![err("<nil>", "FieldValueInvalid", "Invalid value: \"object\": spec is required")]
+        vec![err(
+            "<nil>",
+            "FieldValueInvalid",
+            "Invalid value: \"object\": spec is required"
+        )]
     );
 }
 
@@ -508,7 +646,13 @@ fn never_panics_on_odd_inputs() {
     for _ in 0..300 {
         deep = json!([deep]);
     }
-    let objects = [json!(null), json!([1, 2]), obj(json!({"a": {"b": deep}})), obj(json!({"a": "x"})), obj(json!({"a": 3}))];
+    let objects = [
+        json!(null),
+        json!([1, 2]),
+        obj(json!({"a": {"b": deep}})),
+        obj(json!({"a": "x"})),
+        obj(json!({"a": 3})),
+    ];
     for s in &schemas {
         let _ = check_structural(s);
         for o in &objects {
@@ -570,14 +714,27 @@ fn rejects_non_structural_schemas() {
     let errs = check_structural(&schema).unwrap_err();
     let has = |field: &str, message: &str| {
         assert!(
-            errs.iter().any(|e| e.field == field && e.message == message),
+            errs.iter()
+                .any(|e| e.field == field && e.message == message),
             "missing {field}: {message} in {errs:#?}"
         );
     };
-    has("openAPIV3Schema.properties[spec].properties[untyped].type", "Required value: must not be empty for specified object fields");
-    has("openAPIV3Schema.properties[spec].properties[mixed].anyOf[0].type", "Forbidden: must be empty to be structural");
-    has("openAPIV3Schema.properties[spec].properties[mixed].anyOf[0].description", "Forbidden: must be empty to be structural");
-    has("openAPIV3Schema.properties[spec].properties[list].items", "Required value: must be specified");
+    has(
+        "openAPIV3Schema.properties[spec].properties[untyped].type",
+        "Required value: must not be empty for specified object fields",
+    );
+    has(
+        "openAPIV3Schema.properties[spec].properties[mixed].anyOf[0].type",
+        "Forbidden: must be empty to be structural",
+    );
+    has(
+        "openAPIV3Schema.properties[spec].properties[mixed].anyOf[0].description",
+        "Forbidden: must be empty to be structural",
+    );
+    has(
+        "openAPIV3Schema.properties[spec].properties[list].items",
+        "Required value: must be specified",
+    );
     has(
         "openAPIV3Schema.properties[metadata]",
         "Forbidden: must not specify anything other than name and generateName, but metadata is implicitly specified",
@@ -603,7 +760,12 @@ fn rejects_bad_extensions_and_defaults() {
     }}}});
     let errs = check_structural(&schema).unwrap_err();
     let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
-    assert!(fields.contains(&"openAPIV3Schema.properties[spec].properties[m].items.properties[name].default"), "{errs:#?}");
+    assert!(
+        fields.contains(
+            &"openAPIV3Schema.properties[spec].properties[m].items.properties[name].default"
+        ),
+        "{errs:#?}"
+    );
     assert!(
         errs.contains(&err(
             "openAPIV3Schema.properties[spec].properties[d].default",
@@ -625,31 +787,48 @@ fn rejects_bad_extensions_and_defaults() {
 #[test]
 fn rejects_cel_rules_that_do_not_compile_or_misuse_old_self() {
     let schema = json!({"type": "object", "properties": {"spec": {"type": "object",
-        "x-kubernetes-validations": [
-            {"rule": "self.size >"},
-            {"rule": "self.nosuch == 1"},
-            {"rule": "self.size", "message": "m"},
-            {"rule": "request.user == 'x'"},
-            {"rule": "self.size > 0", "optionalOldSelf": true}
-        ],
-        "properties": {
-            "size": {"type": "integer"},
-            "items": {"type": "array", "items": {"type": "string", "maxLength": 5,
-                "x-kubernetes-validations": [{"rule": "self == oldSelf"}]}}
-        }}}});
+    "x-kubernetes-validations": [
+        {"rule": "self.size >"},
+        {"rule": "self.nosuch == 1"},
+        {"rule": "self.size", "message": "m"},
+        {"rule": "request.user == 'x'"},
+        {"rule": "self.size > 0", "optionalOldSelf": true}
+    ],
+    "properties": {
+        "size": {"type": "integer"},
+        "items": {"type": "array", "items": {"type": "string", "maxLength": 5,
+            "x-kubernetes-validations": [{"rule": "self == oldSelf"}]}}
+    }}}});
     let errs = check_structural(&schema).unwrap_err();
-    let at = |i: usize| format!("openAPIV3Schema.properties[spec].x-kubernetes-validations[{i}].rule");
-    let find = |field: &str| errs.iter().find(|e| e.field == field).map(|e| e.message.clone()).unwrap_or_default();
+    let at =
+        |i: usize| format!("openAPIV3Schema.properties[spec].x-kubernetes-validations[{i}].rule");
+    let find = |field: &str| {
+        errs.iter()
+            .find(|e| e.field == field)
+            .map(|e| e.message.clone())
+            .unwrap_or_default()
+    };
     assert!(find(&at(0)).contains("compilation failed"), "{errs:#?}");
-    assert!(find(&at(1)).ends_with("undefined field 'nosuch'"), "{errs:#?}");
-    assert!(find(&at(2)).ends_with("cel expression must evaluate to a bool"), "{errs:#?}");
-    assert!(find(&at(3)).contains("undeclared reference to 'request'"), "{errs:#?}");
+    assert!(
+        find(&at(1)).ends_with("undefined field 'nosuch'"),
+        "{errs:#?}"
+    );
+    assert!(
+        find(&at(2)).ends_with("cel expression must evaluate to a bool"),
+        "{errs:#?}"
+    );
+    assert!(
+        find(&at(3)).contains("undeclared reference to 'request'"),
+        "{errs:#?}"
+    );
     assert_eq!(
         find("openAPIV3Schema.properties[spec].x-kubernetes-validations[4].optionalOldSelf"),
         "Invalid value: true: may not be set if oldSelf is not used in rule"
     );
     assert_eq!(
-        find("openAPIV3Schema.properties[spec].properties[items].items.x-kubernetes-validations[0].rule"),
+        find(
+            "openAPIV3Schema.properties[spec].properties[items].items.x-kubernetes-validations[0].rule"
+        ),
         "Invalid value: \"self == oldSelf\": oldSelf cannot be used on the uncorrelatable portion of the schema within openAPIV3Schema.properties[spec].properties[items]"
     );
 }
@@ -682,7 +861,10 @@ fn rule_cardinality_multiplies_cost() {
         "names": {"type": "array", "items": {"type": "string",
             "x-kubernetes-validations": [{"rule": "self.matches('^[a-z]+$')"}]}}}}}});
     let errs = check_structural(&schema).unwrap_err();
-    assert_eq!(errs[0].field, "openAPIV3Schema.properties[spec].properties[names].items.x-kubernetes-validations[0].rule");
+    assert_eq!(
+        errs[0].field,
+        "openAPIV3Schema.properties[spec].properties[names].items.x-kubernetes-validations[0].rule"
+    );
     let ok = json!({"type": "object", "properties": {"spec": {"type": "object", "properties": {
         "names": {"type": "array", "maxItems": 100, "items": {"type": "string", "maxLength": 63,
             "x-kubernetes-validations": [{"rule": "self.matches('^[a-z]+$')"}]}}}}}});
@@ -691,7 +873,23 @@ fn rule_cardinality_multiplies_cost() {
 
 #[test]
 fn format_regexes_compile() {
-    for f in ["uuid", "uuid3", "uuid4", "uuid5", "hostname", "email", "hexcolor", "rgbcolor", "ssn", "isbn", "creditcard", "bsonobjectid", "date", "datetime", "duration"] {
+    for f in [
+        "uuid",
+        "uuid3",
+        "uuid4",
+        "uuid5",
+        "hostname",
+        "email",
+        "hexcolor",
+        "rgbcolor",
+        "ssn",
+        "isbn",
+        "creditcard",
+        "bsonobjectid",
+        "date",
+        "datetime",
+        "duration",
+    ] {
         // Each has at least one accepted sample, so a broken regex would fail here.
         let sample = match f {
             "uuid" | "uuid4" => "6ba7b810-9dad-41d1-80b4-00c04fd430c8",
@@ -724,5 +922,8 @@ fn go_formatting() {
     assert_eq!(errors::go_float(0.0001), "0.0001");
     assert_eq!(errors::go_float(0.00001), "1e-05");
     assert_eq!(errors::go_quote("a\"b\n\u{1}"), "\"a\\\"b\\n\\x01\"");
-    assert_eq!(errors::go_value(&json!([1, "a", null])), "[]interface {}{1, \"a\", interface {}(nil)}");
+    assert_eq!(
+        errors::go_value(&json!([1, "a", null])),
+        "[]interface {}{1, \"a\", interface {}(nil)}"
+    );
 }
