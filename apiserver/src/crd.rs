@@ -101,7 +101,7 @@ pub fn validate(crd: &Value, old: Option<&Value>) -> Vec<FieldError> {
             field: "spec.scope".into(),
             reason: "FieldValueNotSupported".into(),
             message: format!(
-                "{}: supported values: \"Cluster\", \"Namespaced\"",
+                "Unsupported value: {}: supported values: \"Cluster\", \"Namespaced\"",
                 crate::errors::quote(scope)
             ),
         });
@@ -122,7 +122,11 @@ pub fn validate(crd: &Value, old: Option<&Value>) -> Vec<FieldError> {
     for (i, v) in versions.iter().enumerate() {
         let vname = str_at(v, "/name");
         for m in meta::dns1123_label_errors(vname) {
-            errs.push(field::invalid(&format!("spec.versions[{i}].name"), vname, &m));
+            errs.push(field::invalid(
+                &format!("spec.versions[{i}].name"),
+                vname,
+                &m,
+            ));
         }
         if v.get("storage").and_then(Value::as_bool) == Some(true) {
             storage += 1;
@@ -201,7 +205,14 @@ pub fn compute_status<'a>(
     match &conflict {
         None => {
             let mut accepted = Map::new();
-            for k in ["kind", "listKind", "plural", "singular", "shortNames", "categories"] {
+            for k in [
+                "kind",
+                "listKind",
+                "plural",
+                "singular",
+                "shortNames",
+                "categories",
+            ] {
                 if let Some(v) = names.get(k) {
                     accepted.insert(k.into(), v.clone());
                 }
@@ -287,7 +298,10 @@ mod tests {
         let mut c = crd();
         default(&mut c);
         assert!(validate(&c, None).is_empty());
-        assert_eq!(c.pointer("/spec/names/listKind"), Some(&json!("WidgetList")));
+        assert_eq!(
+            c.pointer("/spec/names/listKind"),
+            Some(&json!("WidgetList"))
+        );
         compute_status(&mut c, None, std::iter::empty());
         assert!(is_established(&c));
         assert_eq!(c.pointer("/status/storedVersions"), Some(&json!(["v1"])));

@@ -160,7 +160,11 @@ fn discovery_group(reg: &Registry, group: &str, versions: &[String]) -> Value {
                     e.insert("responseKind".into(), gvk(group, v, &r.kind));
                     e.insert(
                         "scope".into(),
-                        json!(if r.namespaced { "Namespaced" } else { "Cluster" }),
+                        json!(if r.namespaced {
+                            "Namespaced"
+                        } else {
+                            "Cluster"
+                        }),
                     );
                     e.insert("singularResource".into(), json!(r.singular));
                     e.insert("verbs".into(), json!(verbs(r)));
@@ -268,7 +272,9 @@ pub fn openapi_v3_gv(reg: &Registry, group: &str, version: &str) -> Option<Value
         let mut schema = r
             .version(version)
             .and_then(|v| v.schema.clone())
-            .unwrap_or_else(|| json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}));
+            .unwrap_or_else(
+                || json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
+            );
         if let Some(m) = schema.as_object_mut() {
             let props = m
                 .entry("properties")

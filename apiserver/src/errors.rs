@@ -113,10 +113,13 @@ pub mod field {
     use super::{quote, reason_text};
     use crate::validation::FieldError;
 
-    /// `field.Error.ErrorBody()`: `<reason text>[: <message>]`.
+    /// `field.Error.ErrorBody()`. `FieldError.message` carries the whole body (as
+    /// `validation::validate_object` produces it); a bare detail gets the reason text prefixed.
     pub fn body(e: &FieldError) -> String {
         let text = reason_text(&e.reason);
-        if e.message.is_empty() {
+        if e.message.starts_with(text) {
+            e.message.clone()
+        } else if e.message.is_empty() {
             text.to_string()
         } else {
             format!("{text}: {}", e.message)
@@ -128,7 +131,7 @@ pub mod field {
         FieldError {
             field: path.into(),
             reason: "FieldValueInvalid".into(),
-            message: format!("{}: {message}", quote(value)),
+            message: format!("Invalid value: {}: {message}", quote(value)),
         }
     }
 
@@ -137,7 +140,11 @@ pub mod field {
         FieldError {
             field: path.into(),
             reason: "FieldValueRequired".into(),
-            message: message.into(),
+            message: if message.is_empty() {
+                "Required value".into()
+            } else {
+                format!("Required value: {message}")
+            },
         }
     }
 
@@ -146,7 +153,7 @@ pub mod field {
         FieldError {
             field: path.into(),
             reason: "FieldValueForbidden".into(),
-            message: message.into(),
+            message: format!("Forbidden: {message}"),
         }
     }
 }
@@ -176,7 +183,11 @@ impl ApiError {
         Self::new(
             404,
             "NotFound",
-            format!("{} {} not found", group_resource(group, resource), quote(name)),
+            format!(
+                "{} {} not found",
+                group_resource(group, resource),
+                quote(name)
+            ),
         )
         .with_details(group, resource, name)
     }
@@ -247,7 +258,11 @@ impl ApiError {
         let mut e = Self::new(
             422,
             "Invalid",
-            format!("{} {} is invalid: {agg}", group_kind(group, kind), quote(name)),
+            format!(
+                "{} {} is invalid: {agg}",
+                group_kind(group, kind),
+                quote(name)
+            ),
         )
         .with_details(group, kind, name);
         if let Some(d) = e.details.as_mut() {
@@ -358,7 +373,11 @@ impl ApiError {
 
     /// `errors.NewInternalError`.
     pub fn internal(err: impl std::fmt::Display) -> Self {
-        let mut e = Self::new(500, "InternalError", format!("Internal error occurred: {err}"));
+        let mut e = Self::new(
+            500,
+            "InternalError",
+            format!("Internal error occurred: {err}"),
+        );
         e.details = Some(Box::new(Details {
             causes: vec![Cause {
                 reason: String::new(),

@@ -27,6 +27,7 @@ pub mod kubeconfig;
 pub mod meta;
 pub mod patch;
 pub mod persistence;
+pub mod protobuf;
 pub mod resources;
 pub mod rest;
 pub mod routes;
@@ -274,7 +275,10 @@ impl RunningServer {
         let _ = self.shutdown_tx.send(true);
         if let Some(join) = self.join.take() {
             let abort = join.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), join).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), join)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }

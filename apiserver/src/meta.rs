@@ -122,7 +122,8 @@ pub fn normalize_metadata(obj: &mut Value) {
 // Name validation (k8s.io/apimachinery/pkg/util/validation)
 
 const DNS1123_LABEL_FMT: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?";
-const DNS1123_SUBDOMAIN_FMT: &str = "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
+const DNS1123_SUBDOMAIN_FMT: &str =
+    "[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*";
 const QUALIFIED_NAME_FMT: &str = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]";
 
 fn is_alnum_lower(c: char) -> bool {
@@ -323,7 +324,7 @@ pub fn validate_meta_fields(obj: &Value) -> Vec<FieldError> {
                     errs.push(FieldError {
                         field: "metadata.annotations".into(),
                         reason: "FieldValueTooLong".into(),
-                        message: format!("may not be more than {} bytes", 256 * 1024),
+                        message: format!("Too long: may not be more than {} bytes", 256 * 1024),
                     });
                 }
             }
@@ -398,11 +399,13 @@ pub fn validate_name(obj: &Value, rule: NameRule) -> Vec<FieldError> {
 /// Random suffix of `generateName` (`names.SimpleNameGenerator`: 5 chars of this alphabet).
 pub fn generate_name(prefix: &str) -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-    let prefix = if prefix.len() > 58 {
-        &prefix[..58]
-    } else {
-        prefix
-    };
+    // `maxGeneratedNameLength`: keep room for the suffix (on a char boundary: the prefix is only
+    // validated afterwards).
+    let mut cut = prefix.len().min(58);
+    while !prefix.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let prefix = &prefix[..cut];
     let suffix: String = (0..5)
         .map(|_| ALPHABET[fastrand::usize(..ALPHABET.len())] as char)
         .collect();
@@ -446,5 +449,7 @@ mod tests {
         let n = generate_name("web-");
         assert_eq!(n.len(), 9);
         assert!(n.starts_with("web-"));
+        let long = "é".repeat(40);
+        assert!(generate_name(&long).len() <= 63);
     }
 }

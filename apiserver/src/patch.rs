@@ -338,11 +338,9 @@ const IDENTITY_META: &[&str] = &[
 pub fn fields_v1(applied: &Value) -> Value {
     fn walk(v: &Value) -> Value {
         match v {
-            Value::Object(m) if !m.is_empty() => Value::Object(
-                m.iter()
-                    .map(|(k, v)| (format!("f:{k}"), walk(v)))
-                    .collect(),
-            ),
+            Value::Object(m) if !m.is_empty() => {
+                Value::Object(m.iter().map(|(k, v)| (format!("f:{k}"), walk(v))).collect())
+            }
             _ => Value::Object(Map::new()),
         }
     }
@@ -418,13 +416,34 @@ mod tests {
     fn json_patch_failures() {
         let doc = json!({"metadata": {"finalizers": ["a"]}});
         assert!(matches!(
-            jp(doc.clone(), json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "b"}])),
+            jp(
+                doc.clone(),
+                json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "b"}])
+            ),
             Err(JsonPatchError::TestFailed(_))
         ));
-        assert!(jp(doc.clone(), json!([{"op": "test", "path": "/metadata/finalizers", "value": null}])).is_err());
+        assert!(
+            jp(
+                doc.clone(),
+                json!([{"op": "test", "path": "/metadata/finalizers", "value": null}])
+            )
+            .is_err()
+        );
         assert!(jp(doc.clone(), json!([{"op": "remove", "path": "/spec/x"}])).is_err());
-        assert!(jp(doc.clone(), json!([{"op": "replace", "path": "/spec", "value": 1}])).is_err());
-        assert!(jp(doc.clone(), json!([{"op": "add", "path": "/a/b", "value": 1}])).is_err());
+        assert!(
+            jp(
+                doc.clone(),
+                json!([{"op": "replace", "path": "/spec", "value": 1}])
+            )
+            .is_err()
+        );
+        assert!(
+            jp(
+                doc.clone(),
+                json!([{"op": "add", "path": "/a/b", "value": 1}])
+            )
+            .is_err()
+        );
         assert!(jp(doc, json!([{"op": "frob", "path": "/a"}])).is_err());
         assert!(parse_json_patch(b"{}").is_err());
         assert!(parse_json_patch(b"not json").is_err());
@@ -445,7 +464,8 @@ mod tests {
 
     #[test]
     fn strategic_directives_stripped() {
-        let mut p = json!({"$setElementOrder/finalizers": [], "metadata": {"$patch": "merge", "a": 1}});
+        let mut p =
+            json!({"$setElementOrder/finalizers": [], "metadata": {"$patch": "merge", "a": 1}});
         strip_directives(&mut p);
         assert_eq!(p, json!({"metadata": {"a": 1}}));
     }

@@ -106,9 +106,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
 
 impl Persistence {
@@ -136,9 +134,8 @@ impl Persistence {
             File::open(&snap_path)
                 .and_then(|mut f| f.read_to_end(&mut buf))
                 .map_err(io(&snap_path))?;
-            let snap: SnapshotIn = serde_json::from_slice(&buf).map_err(|e| {
-                StoreError::Corrupt(snap_path.display().to_string(), e.to_string())
-            })?;
+            let snap: SnapshotIn = serde_json::from_slice(&buf)
+                .map_err(|e| StoreError::Corrupt(snap_path.display().to_string(), e.to_string()))?;
             if snap.format != FORMAT {
                 return Err(StoreError::Corrupt(
                     snap_path.display().to_string(),
@@ -147,7 +144,10 @@ impl Persistence {
             }
             (
                 snap.rv,
-                snap.objects.into_iter().map(|o| (o.key, o.object)).collect(),
+                snap.objects
+                    .into_iter()
+                    .map(|o| (o.key, o.object))
+                    .collect(),
                 snap.history,
             )
         } else {
@@ -269,7 +269,9 @@ impl Persistence {
         let snap = SnapshotOut {
             format: FORMAT,
             rv,
-            objects: objects.map(|(key, object)| ObjOut { key, object }).collect(),
+            objects: objects
+                .map(|(key, object)| ObjOut { key, object })
+                .collect(),
             history: history
                 .map(|e| EventOut {
                     rv: e.rv,

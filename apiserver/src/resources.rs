@@ -311,10 +311,7 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
         Some((major, stage, rest.parse().ok()?))
     }
     match (parse(a), parse(b)) {
-        (Some((ma, sa, na)), Some((mb, sb, nb))) => sb
-            .cmp(&sa)
-            .then(mb.cmp(&ma))
-            .then(nb.cmp(&na)),
+        (Some((ma, sa, na)), Some((mb, sb, nb))) => sb.cmp(&sa).then(mb.cmp(&ma)).then(nb.cmp(&na)),
         (Some(_), None) => Ordering::Less,
         (None, Some(_)) => Ordering::Greater,
         (None, None) => a.cmp(b),
@@ -544,7 +541,10 @@ impl Registry {
             .map(|g| {
                 let mut vs = versions.remove(&g).unwrap_or_default();
                 vs.sort_by(|a, b| compare_versions(a, b));
-                GroupInfo { name: g, versions: vs }
+                GroupInfo {
+                    name: g,
+                    versions: vs,
+                }
             })
             .collect()
     }

@@ -59,6 +59,44 @@ pub struct WriteOptions {
     pub dry_run: bool,
     pub field_manager: Option<String>,
     pub force: bool,
+    pub field_validation: FieldValidation,
+    /// Warnings collected while serving the request (sent as `Warning` headers).
+    pub warnings: std::cell::RefCell<Vec<String>>,
+}
+
+/// The `fieldValidation` directive (the server default is `Warn`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FieldValidation {
+    Ignore,
+    #[default]
+    Warn,
+    Strict,
+}
+
+/// Paths (`spec.foo`, `spec.list[0].x`) present in `before` but pruned from `after`.
+fn pruned_paths(before: &Value, after: &Value, path: &str, out: &mut Vec<String>) {
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) => {
+            for (k, bv) in b {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                match a.get(k) {
+                    None if !bv.is_null() => out.push(p),
+                    None => {}
+                    Some(av) => pruned_paths(bv, av, &p, out),
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(a)) if a.len() == b.len() => {
+            for (i, (bv, av)) in b.iter().zip(a).enumerate() {
+                pruned_paths(bv, av, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `DeleteOptions` we honour.
@@ -105,6 +143,14 @@ fn check_type(scope: &Scope, obj: &mut Value) -> ApiResult<()> {
                 "the API version in the data ({av}) does not match the expected API version ({want_av})"
             )));
         }
+    }
+    if obj
+        .get("metadata")
+        .is_some_and(|m| !m.is_object() && !m.is_null())
+    {
+        return Err(ApiError::bad_request(
+            "metadata: the object's metadata must be a JSON object",
+        ));
     }
     let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
     if !kind.is_empty() && kind != scope.res.kind {
@@ -179,6 +225,7 @@ fn validate(
     obj: &mut Value,
     old: Option<&Value>,
     creating: bool,
+    opts: &WriteOptions,
 ) -> ApiResult<()> {
     let mut errs = Vec::new();
     if creating {
@@ -195,7 +242,11 @@ fn validate(
             extra.sort();
             extra.dedup();
             if !extra.is_empty() {
-                let list = extra.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ");
+                let list = extra
+                    .iter()
+                    .map(|s| quote(s))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 errs.push(field::forbidden(
                     "metadata.finalizers",
                     &format!(
@@ -205,15 +256,53 @@ fn validate(
             }
         }
         if meta::uid(obj) != meta::uid(old) {
-            errs.push(field::invalid("metadata.uid", meta::uid(obj), "field is immutable"));
+            errs.push(field::invalid(
+                "metadata.uid",
+                meta::uid(obj),
+                "field is immutable",
+            ));
         }
     }
     match scope.res.builtin {
         None => {
-            if let Some(schema) = scope.res.version(&scope.version).and_then(|v| v.schema.as_ref())
-                && let Err(schema_errs) = validation::validate_object(schema, obj, old)
+            if let Some(schema) = scope
+                .res
+                .version(&scope.version)
+                .and_then(|v| v.schema.as_ref())
             {
-                errs.extend(schema_errs);
+                let before = obj.clone();
+                let result = validation::validate_object(schema, obj, old);
+                let mut unknown = Vec::new();
+                pruned_paths(&before, obj, "", &mut unknown);
+                if let Some(old) = old {
+                    // Only what this request brought in counts, not what storage already had.
+                    let mut old_unknown = Vec::new();
+                    let mut pruned_old = old.clone();
+                    let _ = validation::validate_object(schema, &mut pruned_old, None);
+                    pruned_paths(old, &pruned_old, "", &mut old_unknown);
+                    unknown.retain(|p| !old_unknown.contains(p));
+                }
+                if !unknown.is_empty() {
+                    let list: Vec<String> = unknown
+                        .iter()
+                        .map(|p| format!("unknown field {}", quote(p)))
+                        .collect();
+                    match opts.field_validation {
+                        FieldValidation::Strict => {
+                            return Err(ApiError::bad_request(format!(
+                                "{kind} in version {v} cannot be handled as a {kind}: strict decoding error: {}",
+                                list.join(", "),
+                                kind = scope.res.kind,
+                                v = quote(&scope.version),
+                            )));
+                        }
+                        FieldValidation::Warn => opts.warnings.borrow_mut().extend(list),
+                        FieldValidation::Ignore => {}
+                    }
+                }
+                if let Err(schema_errs) = result {
+                    errs.extend(schema_errs);
+                }
             }
         }
         Some(Builtin::Crd) => errs.extend(crd::validate(obj, old)),
@@ -272,6 +361,22 @@ fn set_status(obj: &mut Value, status: Option<Value>) {
     }
 }
 
+/// Namespaces always carry `kubernetes.io/metadata.name: <name>` (set on create and update).
+fn set_namespace_name_label(obj: &mut Value) {
+    let name = meta::name(obj).to_string();
+    if name.is_empty() {
+        return;
+    }
+    let m = meta::metadata_mut(obj);
+    let labels = m.entry("labels").or_insert_with(|| json!({}));
+    if !labels.is_object() {
+        *labels = json!({});
+    }
+    if let Some(l) = labels.as_object_mut() {
+        l.insert("kubernetes.io/metadata.name".into(), json!(name));
+    }
+}
+
 /// Strategy `PrepareForCreate`.
 fn prepare_for_create(scope: &Scope, obj: &mut Value) {
     if scope.status_subresource() && scope.res.builtin != Some(Builtin::Node) {
@@ -293,7 +398,12 @@ fn prepare_for_create(scope: &Scope, obj: &mut Value) {
 }
 
 /// Creates `obj` (already type-checked, named) in `txn`.
-fn create_in(txn: &mut Txn<'_>, scope: &Scope, mut obj: Value, opts: &WriteOptions) -> ApiResult<Obj> {
+fn create_in(
+    txn: &mut Txn<'_>,
+    scope: &Scope,
+    mut obj: Value,
+    opts: &WriteOptions,
+) -> ApiResult<Obj> {
     let res = current_resource(txn, scope)?;
     if res.terminating {
         return Err(ApiError::method_not_supported(
@@ -308,7 +418,12 @@ fn create_in(txn: &mut Txn<'_>, scope: &Scope, mut obj: Value, opts: &WriteOptio
             "resourceVersion should not be set on objects to be created",
         ));
     }
-    for k in ["uid", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"] {
+    for k in [
+        "uid",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+    ] {
         meta::remove_meta(&mut obj, k);
     }
     prepare_for_create(scope, &mut obj);
@@ -330,7 +445,10 @@ fn create_in(txn: &mut Txn<'_>, scope: &Scope, mut obj: Value, opts: &WriteOptio
             meta::set_meta(&mut obj, "name", json!(meta::generate_name(&prefix)));
         }
     }
-    validate(scope, &mut obj, None, true)?;
+    if res.builtin == Some(Builtin::Namespace) {
+        set_namespace_name_label(&mut obj);
+    }
+    validate(scope, &mut obj, None, true, opts)?;
     let name = meta::name(&obj).to_string();
     check_namespace_lifecycle(txn, scope, &name)?;
     let key = scope.key(&name);
@@ -339,7 +457,18 @@ fn create_in(txn: &mut Txn<'_>, scope: &Scope, mut obj: Value, opts: &WriteOptio
     }
     meta::set_meta(&mut obj, "uid", json!(uuid::Uuid::new_v4().to_string()));
     meta::set_meta(&mut obj, "creationTimestamp", json!(meta::now_rfc3339()));
-    if let Some(mgr) = &opts.field_manager {
+    let applied_by_manager = |obj: &Value, mgr: &str| {
+        meta::metadata(obj)
+            .and_then(|m| m.get("managedFields"))
+            .and_then(Value::as_array)
+            .is_some_and(|l| {
+                l.iter()
+                    .any(|e| e.get("manager").and_then(Value::as_str) == Some(mgr))
+            })
+    };
+    if let Some(mgr) = &opts.field_manager
+        && !applied_by_manager(&obj, mgr)
+    {
         record_managed(&mut obj, mgr, "Update", &scope.api_version(), None, false);
     }
     if res.builtin == Some(Builtin::Crd) {
@@ -393,7 +522,12 @@ fn record_managed(
 }
 
 /// POST.
-pub fn create(store: &Store, scope: &Scope, mut body: Value, opts: &WriteOptions) -> ApiResult<Obj> {
+pub fn create(
+    store: &Store,
+    scope: &Scope,
+    mut body: Value,
+    opts: &WriteOptions,
+) -> ApiResult<Obj> {
     check_type(scope, &mut body)?;
     store.write(opts.dry_run, |txn| create_in(txn, scope, body, opts))
 }
@@ -485,12 +619,21 @@ fn update_in(
             scope.status,
         );
     } else if let Some(mgr) = &opts.field_manager {
-        record_managed(&mut new, mgr, "Update", &scope.api_version(), None, scope.status);
+        record_managed(
+            &mut new,
+            mgr,
+            "Update",
+            &scope.api_version(),
+            None,
+            scope.status,
+        );
     }
-    if res.builtin == Some(Builtin::Crd) {
-        crd::default(&mut new);
+    match res.builtin {
+        Some(Builtin::Crd) => crd::default(&mut new),
+        Some(Builtin::Namespace) => set_namespace_name_label(&mut new),
+        _ => {}
     }
-    validate(scope, &mut new, Some(old), false)?;
+    validate(scope, &mut new, Some(old), false, opts)?;
     if res.has_generation() {
         let changed = if res.builtin == Some(Builtin::Crd) {
             new.get("spec") != old.get("spec")
@@ -535,20 +678,18 @@ pub fn update(
     opts: &WriteOptions,
 ) -> ApiResult<(Obj, bool)> {
     as_object_or_400(&body)?;
-    store.write(opts.dry_run, |txn| {
-        match txn.get(&scope.key(name)) {
-            Some(old) => Ok((update_in(txn, scope, name, &old, body, opts, None)?, false)),
-            None if scope.res.allow_create_on_update() && !scope.status => {
-                let mut body = body;
-                check_type(scope, &mut body)?;
-                if meta::name(&body).is_empty() {
-                    meta::set_meta(&mut body, "name", json!(name));
-                }
-                meta::remove_meta(&mut body, "resourceVersion");
-                Ok((create_in(txn, scope, body, opts)?, true))
+    store.write(opts.dry_run, |txn| match txn.get(&scope.key(name)) {
+        Some(old) => Ok((update_in(txn, scope, name, &old, body, opts, None)?, false)),
+        None if scope.res.allow_create_on_update() && !scope.status => {
+            let mut body = body;
+            check_type(scope, &mut body)?;
+            if meta::name(&body).is_empty() {
+                meta::set_meta(&mut body, "name", json!(name));
             }
-            None => Err(scope.not_found(name)),
+            meta::remove_meta(&mut body, "resourceVersion");
+            Ok((create_in(txn, scope, body, opts)?, true))
         }
+        None => Err(scope.not_found(name)),
     })
 }
 
@@ -580,7 +721,10 @@ pub fn patch(
                     "meta.k8s.io",
                     "PatchOptions",
                     "",
-                    &[field::required("fieldManager", "is required for apply patch")],
+                    &[field::required(
+                        "fieldManager",
+                        "is required for apply patch",
+                    )],
                 ));
             }
             Parsed::Apply(patch::parse_apply(body)?)
@@ -591,7 +735,10 @@ pub fn patch(
             "meta.k8s.io",
             "PatchOptions",
             "",
-            &[field::forbidden("force", "may not be specified for non-apply patch")],
+            &[field::forbidden(
+                "force",
+                "may not be specified for non-apply patch",
+            )],
         ));
     }
     store.write(opts.dry_run, |txn| {
@@ -618,11 +765,7 @@ pub fn patch(
                         Some(patch::fields_v1(applied)),
                         false,
                     );
-                    let create_opts = WriteOptions {
-                        field_manager: None,
-                        ..opts.clone()
-                    };
-                    return Ok((create_in(txn, scope, obj, &create_opts)?, true));
+                    return Ok((create_in(txn, scope, obj, opts)?, true));
                 }
                 return Err(scope.not_found(name));
             }
@@ -719,7 +862,12 @@ pub struct Deleted {
 }
 
 /// DELETE of one object.
-pub fn delete(store: &Store, scope: &Scope, name: &str, opts: &DeleteOptions) -> ApiResult<Deleted> {
+pub fn delete(
+    store: &Store,
+    scope: &Scope,
+    name: &str,
+    opts: &DeleteOptions,
+) -> ApiResult<Deleted> {
     store.write(opts.dry_run, |txn| {
         let key = scope.key(name);
         let old = txn.get(&key).ok_or_else(|| scope.not_found(name))?;
@@ -878,8 +1026,14 @@ fn decode_continue(token: &str) -> ApiResult<(u64, String, String)> {
         .decode(token)
         .map_err(|_| bad("incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
     let v: Value = serde_json::from_slice(&raw).map_err(|_| bad("not a continue token"))?;
-    let rv = v.get("rv").and_then(Value::as_u64).ok_or_else(|| bad("missing rv"))?;
-    let start = v.get("start").and_then(Value::as_array).ok_or_else(|| bad("missing start"))?;
+    let rv = v
+        .get("rv")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad("missing rv"))?;
+    let start = v
+        .get("start")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("missing start"))?;
     let s = |i: usize| start.get(i).and_then(Value::as_str).map(str::to_string);
     match (s(0), s(1)) {
         (Some(ns), Some(name)) => Ok((rv, ns, name)),
@@ -889,9 +1043,8 @@ fn decode_continue(token: &str) -> ApiResult<(u64, String, String)> {
 
 /// Parses a resourceVersion parameter.
 pub fn parse_rv(rv: &str) -> ApiResult<u64> {
-    rv.parse::<u64>().map_err(|_| {
-        ApiError::bad_request(format!("invalid resource version {}", quote(rv)))
-    })
+    rv.parse::<u64>()
+        .map_err(|_| ApiError::bad_request(format!("invalid resource version {}", quote(rv))))
 }
 
 /// LIST with selectors, pagination and resourceVersion semantics.
@@ -941,7 +1094,9 @@ pub fn list(store: &Store, scope: &Scope, opts: &ListOptions) -> ApiResult<ListR
             let rest = (matching.len() - l) as u64;
             let mut items = matching;
             items.truncate(l);
-            let last = items.last().map(|o| (meta::namespace(o).to_string(), meta::name(o).to_string()));
+            let last = items
+                .last()
+                .map(|o| (meta::namespace(o).to_string(), meta::name(o).to_string()));
             let token = last.map(|(ns, name)| encode_continue(rv, &ns, &name));
             Ok(ListResult {
                 items,
@@ -994,8 +1149,12 @@ pub fn bootstrap(store: &Store) -> ApiResult<()> {
         for (key, c) in txn.objects(CRD_TABLE, None) {
             let table = format!(
                 "{}/{}",
-                c.pointer("/spec/group").and_then(Value::as_str).unwrap_or_default(),
-                c.pointer("/spec/names/plural").and_then(Value::as_str).unwrap_or_default()
+                c.pointer("/spec/group")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+                c.pointer("/spec/names/plural")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
             );
             if meta::deletion_timestamp(&c).is_some()
                 && meta::finalizers(&c).is_empty()

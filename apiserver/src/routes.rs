@@ -17,7 +17,7 @@ use crate::errors::{ApiError, ApiResult, field};
 use crate::meta;
 use crate::patch::PatchType;
 use crate::resources::ResourceInfo;
-use crate::rest::{self, DeleteOptions, ListOptions, Scope, WriteOptions};
+use crate::rest::{self, DeleteOptions, FieldValidation, ListOptions, Scope, WriteOptions};
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{Obj, Store};
 use crate::table::{self, IncludeObject};
@@ -120,7 +120,10 @@ fn negotiate_objects(headers: &HeaderMap, query: &HashMap<String, String>) -> Ap
             None => return Ok(Format::Json),
             Some("Table")
                 if r.params.get("g").map(String::as_str) == Some("meta.k8s.io")
-                    && matches!(r.params.get("v").map(String::as_str), Some("v1" | "v1beta1")) =>
+                    && matches!(
+                        r.params.get("v").map(String::as_str),
+                        Some("v1" | "v1beta1")
+                    ) =>
             {
                 return Ok(Format::Table(IncludeObject::parse(
                     query.get("includeObject").map(String::as_str),
@@ -128,7 +131,10 @@ fn negotiate_objects(headers: &HeaderMap, query: &HashMap<String, String>) -> Ap
             }
             Some("PartialObjectMetadata" | "PartialObjectMetadataList")
                 if r.params.get("g").map(String::as_str) == Some("meta.k8s.io")
-                    && matches!(r.params.get("v").map(String::as_str), Some("v1" | "v1beta1")) =>
+                    && matches!(
+                        r.params.get("v").map(String::as_str),
+                        Some("v1" | "v1beta1")
+                    ) =>
             {
                 return Ok(Format::Metadata);
             }
@@ -164,11 +170,7 @@ fn wants_aggregated(headers: &HeaderMap) -> Option<&'static str> {
 
 fn aggregated_response(reg: &crate::resources::Registry, core: bool, v: &str) -> Response {
     let ct = format!("application/json;g=apidiscovery.k8s.io;v={v};as=APIGroupDiscoveryList");
-    json_response(
-        StatusCode::OK,
-        &ct,
-        &discovery::aggregated(reg, core, v),
-    )
+    json_response(StatusCode::OK, &ct, &discovery::aggregated(reg, core, v))
 }
 
 fn parse_query(query: Option<&str>) -> HashMap<String, String> {
@@ -182,7 +184,8 @@ fn truthy(q: &HashMap<String, String>, k: &str) -> bool {
 }
 
 fn method_not_allowed() -> ApiError {
-    let mut e = ApiError::bad_request("the server does not allow this method on the requested resource");
+    let mut e =
+        ApiError::bad_request("the server does not allow this method on the requested resource");
     e.code = 405;
     e.reason = "MethodNotAllowed".into();
     e.details = Some(Default::default());
@@ -203,16 +206,28 @@ fn content_type(headers: &HeaderMap) -> String {
         .to_string()
 }
 
-/// Decodes a POST/PUT body (JSON or YAML).
-fn decode_object(headers: &HeaderMap, body: &[u8]) -> ApiResult<Value> {
+/// Decodes a POST/PUT body (JSON or YAML; protobuf for Namespaces, see `protobuf`).
+fn decode_object(headers: &HeaderMap, body: &[u8], res: &ResourceInfo) -> ApiResult<Value> {
     let ct = content_type(headers);
-    let base = ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let base = ct
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     let v: Value = match base.as_str() {
         "application/json" | "" | "*/*" => serde_json::from_slice(body).map_err(|e| {
             ApiError::bad_request(format!("couldn't get version/kind; json parse error: {e}"))
         })?,
         "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: {e}")))?,
+        "application/vnd.kubernetes.protobuf"
+            if res.builtin == Some(crate::resources::Builtin::Namespace) =>
+        {
+            crate::protobuf::decode_namespace(body).map_err(|e| {
+                ApiError::bad_request(format!("unable to decode the protobuf body: {e}"))
+            })?
+        }
         _ => {
             return Err(ApiError::unsupported_media_type(
                 &ct,
@@ -239,15 +254,17 @@ fn write_options(q: &HashMap<String, String>) -> ApiResult<WriteOptions> {
             )));
         }
     };
-    match q.get("fieldValidation").map(String::as_str) {
-        None | Some("" | "Ignore" | "Warn" | "Strict") => {}
+    let field_validation = match q.get("fieldValidation").map(String::as_str) {
+        None | Some("" | "Warn") => FieldValidation::Warn,
+        Some("Ignore") => FieldValidation::Ignore,
+        Some("Strict") => FieldValidation::Strict,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "fieldValidation: Invalid value: {}: fieldValidation must be one of \"Ignore\", \"Warn\", or \"Strict\"",
                 crate::errors::quote(other)
             )));
         }
-    }
+    };
     let field_manager = q.get("fieldManager").filter(|m| !m.is_empty()).cloned();
     if let Some(m) = &field_manager
         && m.len() > 128
@@ -256,13 +273,19 @@ fn write_options(q: &HashMap<String, String>) -> ApiResult<WriteOptions> {
             "meta.k8s.io",
             "PatchOptions",
             "",
-            &[field::invalid("fieldManager", m, "must be no more than 128 characters")],
+            &[field::invalid(
+                "fieldManager",
+                m,
+                "must be no more than 128 characters",
+            )],
         ));
     }
     Ok(WriteOptions {
         dry_run,
         field_manager,
         force: truthy(q, "force"),
+        field_validation,
+        warnings: Default::default(),
     })
 }
 
@@ -314,9 +337,7 @@ fn route(path: &str) -> Option<Route> {
     let segs: Vec<String> = path
         .split('/')
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            percent_decode(s)
-        })
+        .map(percent_decode)
         .collect();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     match s.as_slice() {
@@ -411,8 +432,20 @@ async fn dispatch(app: &Arc<AppState>, req: Request) -> ApiResult<Response> {
     }
 }
 
+/// Adds the request's warnings as `Warning: 299 - "..."` headers.
+fn with_warnings(mut resp: Response, opts: &WriteOptions) -> Response {
+    for w in opts.warnings.borrow().iter() {
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - {}", crate::errors::quote(w))) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
+}
+
 fn warning_headers(resp: &mut Response, res: &ResourceInfo, version: &str) {
-    if let Some(w) = res.version(version).and_then(|v| v.deprecation_warning.as_ref())
+    if let Some(w) = res
+        .version(version)
+        .and_then(|v| v.deprecation_warning.as_ref())
         && let Ok(v) = HeaderValue::from_str(&format!("299 - {}", crate::errors::quote(w)))
     {
         resp.headers_mut().insert(header::WARNING, v);
@@ -440,7 +473,13 @@ async fn resource(
     }
     let status = match p.sub.as_deref() {
         None => false,
-        Some("status") if res.version(&p.version).is_some_and(|v| v.status_subresource) => true,
+        Some("status")
+            if res
+                .version(&p.version)
+                .is_some_and(|v| v.status_subresource) =>
+        {
+            true
+        }
         Some(_) => return Err(ApiError::path_not_found()),
     };
     let scope = Scope {
@@ -504,14 +543,17 @@ async fn object(
         Method::PUT => {
             let opts = write_options(query)?;
             let bytes = read_body(app, body).await?;
-            let obj = decode_object(headers, &bytes)?;
+            let obj = decode_object(headers, &bytes, &scope.res)?;
             let (out, created) = rest::update(store, scope, name, obj, &opts)?;
             let code = if created {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            Ok(object_response(code, scope, &out, format))
+            Ok(with_warnings(
+                object_response(code, scope, &out, format),
+                &opts,
+            ))
         }
         Method::PATCH => {
             let opts = write_options(query)?;
@@ -534,7 +576,10 @@ async fn object(
             } else {
                 StatusCode::OK
             };
-            Ok(object_response(code, scope, &out, format))
+            Ok(with_warnings(
+                object_response(code, scope, &out, format),
+                &opts,
+            ))
         }
         Method::DELETE if !scope.status => {
             let bytes = read_body(app, body).await?;
@@ -648,21 +693,27 @@ async fn collection(
             let limit = match query.get("limit").map(String::as_str) {
                 None | Some("") => None,
                 Some(l) => Some(l.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request(format!("limit: Invalid value: {}", crate::errors::quote(l)))
+                    ApiError::bad_request(format!(
+                        "limit: Invalid value: {}",
+                        crate::errors::quote(l)
+                    ))
                 })?),
             };
             let rv_match = query
                 .get("resourceVersionMatch")
                 .filter(|s| !s.is_empty())
                 .cloned();
-            let rv = query.get("resourceVersion").filter(|s| !s.is_empty()).cloned();
+            let rv = query
+                .get("resourceVersion")
+                .filter(|s| !s.is_empty())
+                .cloned();
             if let Some(m) = &rv_match {
                 if !matches!(m.as_str(), "NotOlderThan" | "Exact") {
                     return Err(invalid_list_options(&[crate::validation::FieldError {
                         field: "resourceVersionMatch".into(),
                         reason: "FieldValueNotSupported".into(),
                         message: format!(
-                            "{}: supported values: \"Exact\", \"NotOlderThan\", \"\"",
+                            "Unsupported value: {}: supported values: \"Exact\", \"NotOlderThan\", \"\"",
                             crate::errors::quote(m)
                         ),
                     }]));
@@ -688,7 +739,11 @@ async fn collection(
                 result.continue_token.as_deref(),
                 result.remaining,
             );
-            let items: Vec<Value> = result.items.iter().map(|o| rest::render(scope, o)).collect();
+            let items: Vec<Value> = result
+                .items
+                .iter()
+                .map(|o| rest::render(scope, o))
+                .collect();
             let (ct, body) = match format {
                 Format::Json => (
                     JSON,
@@ -722,9 +777,12 @@ async fn collection(
                 Ok(f) => f,
             };
             let bytes = read_body(app, body).await?;
-            let obj = decode_object(headers, &bytes)?;
+            let obj = decode_object(headers, &bytes, &scope.res)?;
             let out = rest::create(store, scope, obj, &opts)?;
-            Ok(object_response(StatusCode::CREATED, scope, &out, format))
+            Ok(with_warnings(
+                object_response(StatusCode::CREATED, scope, &out, format),
+                &opts,
+            ))
         }
         Method::DELETE if !cluster_wide => {
             let bytes = read_body(app, body).await?;
@@ -819,7 +877,10 @@ fn watch_collection(
     let timeout = match query.get("timeoutSeconds").map(String::as_str) {
         None | Some("") => app.opts.default_watch_timeout,
         Some(t) => Duration::from_secs(t.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!("timeoutSeconds: Invalid value: {}", crate::errors::quote(t)))
+            ApiError::bad_request(format!(
+                "timeoutSeconds: Invalid value: {}",
+                crate::errors::quote(t)
+            ))
         })?),
     };
     let req = WatchRequest {
@@ -846,8 +907,10 @@ fn watch_collection(
     if let Ok(v) = HeaderValue::from_str(ct) {
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
     Ok(resp)
 }
 
@@ -870,15 +933,36 @@ mod tests {
         };
         assert_eq!(
             r("/api/v1/namespaces/default/events/x"),
-            Some(("".into(), "v1".into(), Some("default".into()), "events".into(), Some("x".into()), None))
+            Some((
+                "".into(),
+                "v1".into(),
+                Some("default".into()),
+                "events".into(),
+                Some("x".into()),
+                None
+            ))
         );
         assert_eq!(
             r("/api/v1/namespaces/foo/status"),
-            Some(("".into(), "v1".into(), None, "namespaces".into(), Some("foo".into()), Some("status".into())))
+            Some((
+                "".into(),
+                "v1".into(),
+                None,
+                "namespaces".into(),
+                Some("foo".into()),
+                Some("status".into())
+            ))
         );
         assert_eq!(
             r("/apis/g.io/v1/widgets"),
-            Some(("g.io".into(), "v1".into(), None, "widgets".into(), None, None))
+            Some((
+                "g.io".into(),
+                "v1".into(),
+                None,
+                "widgets".into(),
+                None,
+                None
+            ))
         );
         assert!(r("/apis/g.io/v1/namespaces/ns/widgets/a/status/extra").is_none());
         assert_eq!(percent_decode("a%2Fb"), "a/b");

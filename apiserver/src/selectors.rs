@@ -347,7 +347,10 @@ fn unescape(s: &str) -> Result<String, ApiError> {
 
 /// The field labels a resource supports in field selectors.
 pub fn supported_fields(res: &ResourceInfo, version: &str) -> Vec<String> {
-    let mut f = vec!["metadata.name".to_string(), "metadata.namespace".to_string()];
+    let mut f = vec![
+        "metadata.name".to_string(),
+        "metadata.namespace".to_string(),
+    ];
     match res.builtin {
         Some(Builtin::CoreEvent) => {
             for x in [
@@ -481,7 +484,14 @@ mod tests {
 
     #[test]
     fn label_errors() {
-        for bad in ["app in web", "app=web,", "=x", "app in ()", "a/b/c=x", "app in (a"] {
+        for bad in [
+            "app in web",
+            "app=web,",
+            "=x",
+            "app in ()",
+            "a/b/c=x",
+            "app in (a",
+        ] {
             assert!(LabelSelector::parse(bad).is_err(), "{bad}");
         }
     }
@@ -495,7 +505,8 @@ mod tests {
         assert!(sel.matches(&o));
         let sel = FieldSelector::parse("metadata.name!=a", &ns, "v1").unwrap();
         assert!(!sel.matches(&o));
-        let sel = FieldSelector::parse("metadata.namespace==ns,metadata.name=a", &ns, "v1").unwrap();
+        let sel =
+            FieldSelector::parse("metadata.namespace==ns,metadata.name=a", &ns, "v1").unwrap();
         assert!(sel.matches(&o));
         let err = FieldSelector::parse("spec.x=1", &ns, "v1").unwrap_err();
         assert_eq!(err.code, 400);

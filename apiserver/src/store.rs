@@ -173,22 +173,23 @@ impl Txn<'_> {
         out.into_iter().collect()
     }
 
-    /// Every table that has objects in `namespace`.
+    /// Every table that has objects in `namespace` (this transaction's writes included).
     pub fn tables_with_namespace(&self, namespace: &str) -> Vec<String> {
-        let mut v: Vec<String> = self
+        let mut candidates: Vec<String> = self
             .inner
             .tables
             .iter()
             .filter(|(_, t)| t.keys().any(|(ns, _)| ns == namespace))
             .map(|(k, _)| k.clone())
             .collect();
-        for (k, o) in &self.overlay {
-            if o.is_some() && k.namespace == namespace && !v.contains(&k.resource) {
-                v.push(k.resource.clone());
+        for k in self.overlay.keys() {
+            if k.namespace == namespace && !candidates.contains(&k.resource) {
+                candidates.push(k.resource.clone());
             }
         }
-        v.sort();
-        v
+        candidates.retain(|t| !self.objects(t, Some(namespace)).is_empty());
+        candidates.sort();
+        candidates
     }
 
     /// Stages `object` at `key`; returns it as it will be stored (with its new resourceVersion).
@@ -634,11 +635,31 @@ mod tests {
         let store = Store::open(Some(dir.path()), StoreOptions::default()).unwrap();
         assert_eq!(store.current_rv(), 3);
         assert_eq!(
-            store
-                .get(&ObjectKey::new("g/things", "ns", "a"))
-                .unwrap()["v"],
+            store.get(&ObjectKey::new("g/things", "ns", "a")).unwrap()["v"],
             json!(2)
         );
+    }
+
+    #[test]
+    fn runtime_compaction_keeps_state_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            compact_every: 3,
+            ..StoreOptions::default()
+        };
+        {
+            let store = Store::open(Some(dir.path()), opts.clone()).unwrap();
+            for i in 0..7 {
+                put(&store, &format!("o{}", i % 2), i);
+            }
+        }
+        let wal = std::fs::read_to_string(dir.path().join("wal.jsonl")).unwrap();
+        assert_eq!(wal.lines().count(), 1, "compacted twice, one record since");
+        let store = Store::open(Some(dir.path()), opts).unwrap();
+        assert_eq!(store.current_rv(), 7);
+        assert_eq!(store.events_since(0).unwrap().len(), 7);
+        let (_, at3) = store.list_at("g/things", None, Some(3)).unwrap();
+        assert_eq!(at3[0]["v"], json!(2));
     }
 
     #[test]

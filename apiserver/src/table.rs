@@ -72,8 +72,7 @@ fn parse_path(p: &str) -> Option<Vec<Step>> {
                 let inner = inner.trim();
                 if inner == "*" {
                     steps.push(Step::Wildcard);
-                } else if let Some(f) = inner.strip_prefix("?(").and_then(|x| x.strip_suffix(')'))
-                {
+                } else if let Some(f) = inner.strip_prefix("?(").and_then(|x| x.strip_suffix(')')) {
                     let (lhs, rhs) = f.split_once("==")?;
                     let lhs = lhs.trim().strip_prefix("@.")?;
                     let rhs = rhs.trim().trim_matches(|c| c == '"' || c == '\'');

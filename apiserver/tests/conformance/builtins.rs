@@ -4,8 +4,8 @@
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, Node};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::support::*;
@@ -29,33 +29,72 @@ async fn namespaces_lifecycle() {
     assert!(names.contains(&"default".to_string()) && names.contains(&"kube-system".to_string()));
 
     let ns = namespaces
-        .create(&PostParams::default(), &from(json!({"metadata": {"name": "team-a"}})))
+        .create(
+            &PostParams::default(),
+            &from(json!({"metadata": {"name": "team-a"}})),
+        )
         .await
         .unwrap();
     assert_eq!(ns.status.unwrap().phase.as_deref(), Some("Active"));
-    let bad = api_error(namespaces.create(&PostParams::default(), &from(json!({"metadata": {"name": "a.b"}}))).await);
+    let bad = api_error(
+        namespaces
+            .create(
+                &PostParams::default(),
+                &from(json!({"metadata": {"name": "a.b"}})),
+            )
+            .await,
+    );
     assert_eq!(bad.code, 422, "namespace names are DNS labels");
 
     // Objects in it; one with a finalizer keeps the namespace Terminating.
     let widgets: Api<Widget> = Api::namespaced(client.clone(), "team-a");
-    widgets.create(&PostParams::default(), &widget("plain", 1)).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("plain", 1))
+        .await
+        .unwrap();
     let mut held = widget("held", 1);
     held.metadata.finalizers = Some(vec!["test.tessera.io/hold".into()]);
     widgets.create(&PostParams::default(), &held).await.unwrap();
 
-    let terminating = namespaces.delete("team-a", &DeleteParams::default()).await.unwrap();
+    let terminating = namespaces
+        .delete("team-a", &DeleteParams::default())
+        .await
+        .unwrap();
     let terminating = terminating.left().unwrap();
-    assert_eq!(terminating.status.unwrap().phase.as_deref(), Some("Terminating"));
+    assert_eq!(
+        terminating.status.unwrap().phase.as_deref(),
+        Some("Terminating")
+    );
     assert_eq!(api_error(widgets.get("plain").await).code, 404);
-    assert!(widgets.get("held").await.unwrap().metadata.deletion_timestamp.is_some());
-    let s = api_error(widgets.create(&PostParams::default(), &widget("new", 1)).await);
+    assert!(
+        widgets
+            .get("held")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_some()
+    );
+    let s = api_error(
+        widgets
+            .create(&PostParams::default(), &widget("new", 1))
+            .await,
+    );
     assert_eq!((s.code, s.reason.as_str()), (403, "Forbidden"));
 
     widgets
-        .patch("held", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .patch(
+            "held",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
         .await
         .unwrap();
-    assert_eq!(api_error(namespaces.get("team-a").await).code, 404, "namespace gone once empty");
+    assert_eq!(
+        api_error(namespaces.get("team-a").await).code,
+        404,
+        "namespace gone once empty"
+    );
 
     let s = api_error(namespaces.delete("default", &DeleteParams::default()).await);
     assert_eq!(s.code, 403);
@@ -66,7 +105,10 @@ async fn nodes_crud_and_status() {
     let (_ts, client) = setup().await;
     let nodes: Api<Node> = Api::all(client);
     let n = nodes
-        .create(&PostParams::default(), &from(json!({"metadata": {"name": "node-1", "labels": {"zone": "a"}}})))
+        .create(
+            &PostParams::default(),
+            &from(json!({"metadata": {"name": "node-1", "labels": {"zone": "a"}}})),
+        )
         .await
         .unwrap();
     assert_eq!(n.name_any(), "node-1");
@@ -79,9 +121,27 @@ async fn nodes_crud_and_status() {
         .await
         .unwrap();
     assert_eq!(out.status.unwrap().conditions.unwrap()[0].status, "True");
-    assert_eq!(nodes.list(&ListParams::default().labels("zone=a")).await.unwrap().items.len(), 1);
-    nodes.delete("node-1", &DeleteParams::default()).await.unwrap();
-    assert!(nodes.list(&ListParams::default()).await.unwrap().items.is_empty());
+    assert_eq!(
+        nodes
+            .list(&ListParams::default().labels("zone=a"))
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    nodes
+        .delete("node-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert!(
+        nodes
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -123,11 +183,25 @@ async fn core_and_events_k8s_io_events() {
         .unwrap();
     assert_eq!(e.note.as_deref(), Some("hi"));
     let patched = events
-        .patch("w.2", &PatchParams::default(), &Patch::Merge(json!({"series": {"count": 2, "lastObservedTime": "2025-01-01T00:00:01.000000Z"}})))
+        .patch(
+            "w.2",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"series": {"count": 2, "lastObservedTime": "2025-01-01T00:00:01.000000Z"}}),
+            ),
+        )
         .await
         .unwrap();
     assert_eq!(patched.series.unwrap().count, 2);
-    assert_eq!(events.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    assert_eq!(
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -146,12 +220,22 @@ async fn leases_optimistic_concurrency() {
     b.spec.as_mut().unwrap().holder_identity = Some("b".into());
     let mut c = l.clone();
     c.spec.as_mut().unwrap().holder_identity = Some("c".into());
-    let won = leases.replace("leader", &PostParams::default(), &b).await.unwrap();
+    let won = leases
+        .replace("leader", &PostParams::default(), &b)
+        .await
+        .unwrap();
     assert_eq!(won.spec.unwrap().holder_identity.as_deref(), Some("b"));
     let s = api_error(leases.replace("leader", &PostParams::default(), &c).await);
     assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
     assert_eq!(
-        leases.get("leader").await.unwrap().spec.unwrap().holder_identity.as_deref(),
+        leases
+            .get("leader")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .holder_identity
+            .as_deref(),
         Some("b")
     );
 }

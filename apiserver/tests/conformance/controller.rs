@@ -32,10 +32,15 @@ struct Ctx {
 #[error(transparent)]
 struct ReconcileError(#[from] kube::Error);
 
-async fn reconcile(w: Arc<Widget>, ctx: Arc<Ctx>) -> Result<Action, finalizer::Error<ReconcileError>> {
+async fn reconcile(
+    w: Arc<Widget>,
+    ctx: Arc<Ctx>,
+) -> Result<Action, finalizer::Error<ReconcileError>> {
     let api: Api<Widget> = Api::namespaced(ctx.client.clone(), &w.namespace().unwrap_or_default());
     let ctx2 = ctx.clone();
+    let status_api = api.clone();
     finalizer(&api, FINALIZER, w, |event| async move {
+        let api = status_api;
         match event {
             finalizer::Event::Apply(w) => {
                 let status = json!({
@@ -43,8 +48,12 @@ async fn reconcile(w: Arc<Widget>, ctx: Arc<Ctx>) -> Result<Action, finalizer::E
                     "kind": "Widget",
                     "status": {"phase": "Ready", "observedGeneration": w.metadata.generation},
                 });
-                api.patch_status(&w.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&status))
-                    .await?;
+                api.patch_status(
+                    &w.name_any(),
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&status),
+                )
+                .await?;
                 ctx2.recorder
                     .publish(
                         &Event {
@@ -105,17 +114,23 @@ async fn controller_with_finalizer_status_apply_and_events() {
         .for_each(|_| async {});
     let handle = tokio::spawn(controller);
 
-    widgets.create(&PostParams::default(), &widget("w", 4)).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("w", 4))
+        .await
+        .unwrap();
     let ready = |o: Option<&Widget>| {
         o.and_then(|w| w.status.as_ref())
             .and_then(|s| s.phase.as_deref())
             == Some("Ready")
     };
-    let w = tokio::time::timeout(Duration::from_secs(10), await_condition(widgets.clone(), "w", ready))
-        .await
-        .expect("reconciled in time")
-        .unwrap()
-        .unwrap();
+    let w = tokio::time::timeout(
+        Duration::from_secs(10),
+        await_condition(widgets.clone(), "w", ready),
+    )
+    .await
+    .expect("reconciled in time")
+    .unwrap()
+    .unwrap();
     assert_eq!(w.finalizers(), [FINALIZER]);
     assert_eq!(w.status.as_ref().unwrap().observed_generation, Some(1));
     let managed = w.metadata.managed_fields.clone().unwrap_or_default();
@@ -140,13 +155,21 @@ async fn controller_with_finalizer_status_apply_and_events() {
     widgets.delete("w", &DeleteParams::default()).await.unwrap();
     tokio::time::timeout(
         Duration::from_secs(10),
-        await_condition(widgets.clone(), "w", kube::runtime::wait::conditions::is_deleted(&w.uid().unwrap())),
+        await_condition(
+            widgets.clone(),
+            "w",
+            kube::runtime::wait::conditions::is_deleted(&w.uid().unwrap()),
+        ),
     )
     .await
     .expect("deleted in time")
     .unwrap();
     assert_eq!(ctx.cleanups.load(Ordering::SeqCst), 1);
     let evs = events.list(&ListParams::default()).await.unwrap();
-    assert!(evs.items.iter().any(|e| e.reason.as_deref() == Some("CleanedUp")));
+    assert!(
+        evs.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("CleanedUp"))
+    );
     handle.abort();
 }

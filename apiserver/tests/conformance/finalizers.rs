@@ -1,8 +1,10 @@
 //! Finalizers and deletion: deletionTimestamp, no new finalizers while deleting, removal of
 //! the last finalizer deletes (DELETED event), delete preconditions.
 
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions, WatchEvent, WatchParams};
 use kube::ResourceExt;
+use kube::api::{
+    Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions, WatchEvent, WatchParams,
+};
 use serde_json::json;
 
 use crate::support::*;
@@ -15,7 +17,10 @@ async fn delete_with_finalizers_waits_for_them() {
     w.metadata.finalizers = Some(vec!["test.tessera.io/a".into(), "test.tessera.io/b".into()]);
     let w = widgets.create(&PostParams::default(), &w).await.unwrap();
     let stream = widgets
-        .watch(&WatchParams::default().disable_bookmarks().timeout(10), &w.resource_version().unwrap())
+        .watch(
+            &WatchParams::default().disable_bookmarks().timeout(10),
+            &w.resource_version().unwrap(),
+        )
         .await
         .unwrap();
     let mut stream = std::pin::pin!(stream);
@@ -29,11 +34,18 @@ async fn delete_with_finalizers_waits_for_them() {
         .expect("object returned");
     assert!(marked.metadata.deletion_timestamp.is_some());
     assert_eq!(marked.metadata.deletion_grace_period_seconds, Some(0));
-    assert!(matches!(next(&mut stream).await.unwrap(), WatchEvent::Modified(m) if m.metadata.deletion_timestamp.is_some()));
+    assert!(
+        matches!(next(&mut stream).await.unwrap(), WatchEvent::Modified(m) if m.metadata.deletion_timestamp.is_some())
+    );
     assert!(widgets.get("f").await.is_ok());
 
     // Deleting again changes nothing.
-    let again = widgets.delete("f", &DeleteParams::default()).await.unwrap().left().unwrap();
+    let again = widgets
+        .delete("f", &DeleteParams::default())
+        .await
+        .unwrap()
+        .left()
+        .unwrap();
     assert_eq!(again.resource_version(), marked.resource_version());
 
     // No new finalizers on an object being deleted (422 Forbidden, like the real server).
@@ -54,12 +66,23 @@ async fn delete_with_finalizers_waits_for_them() {
 
     // Removing one finalizer is an update; removing the last one deletes.
     widgets
-        .patch("f", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": ["test.tessera.io/b"]}})))
+        .patch(
+            "f",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["test.tessera.io/b"]}})),
+        )
         .await
         .unwrap();
-    assert!(matches!(next(&mut stream).await.unwrap(), WatchEvent::Modified(_)));
+    assert!(matches!(
+        next(&mut stream).await.unwrap(),
+        WatchEvent::Modified(_)
+    ));
     widgets
-        .patch("f", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .patch(
+            "f",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
         .await
         .unwrap();
     match next(&mut stream).await.unwrap() {
@@ -73,7 +96,10 @@ async fn delete_with_finalizers_waits_for_them() {
 async fn delete_preconditions_are_honoured() {
     let (_ts, client) = setup().await;
     let widgets: Api<Widget> = Api::namespaced(client, "default");
-    let w = widgets.create(&PostParams::default(), &widget("p", 1)).await.unwrap();
+    let w = widgets
+        .create(&PostParams::default(), &widget("p", 1))
+        .await
+        .unwrap();
     let wrong_uid = DeleteParams {
         preconditions: Some(Preconditions {
             uid: Some("not-the-uid".into()),
@@ -83,7 +109,12 @@ async fn delete_preconditions_are_honoured() {
     };
     let s = api_error(widgets.delete("p", &wrong_uid).await);
     assert_eq!((s.code, s.reason.as_str()), (409, "Conflict"));
-    assert!(s.message.contains("Precondition failed: UID in precondition: not-the-uid"), "{}", s.message);
+    assert!(
+        s.message
+            .contains("Precondition failed: UID in precondition: not-the-uid"),
+        "{}",
+        s.message
+    );
     let wrong_rv = DeleteParams {
         preconditions: Some(Preconditions {
             uid: None,

@@ -32,12 +32,20 @@ async fn kubectl_apply_get_delete_api_resources() {
         return;
     }
     let ts = TestServer::start().await;
-    let kubeconfig = ts.server().kubeconfig_path().expect("kubeconfig written").to_path_buf();
+    let kubeconfig = ts
+        .server()
+        .kubeconfig_path()
+        .expect("kubeconfig written")
+        .to_path_buf();
     let work = tempfile::tempdir().unwrap();
     let cache = work.path().join("cache");
     let manifests = work.path().join("manifests");
     std::fs::create_dir(&manifests).unwrap();
-    std::fs::write(manifests.join("00-crd.yaml"), serde_yaml::to_string(&Widget::crd()).unwrap()).unwrap();
+    std::fs::write(
+        manifests.join("00-crd.yaml"),
+        serde_yaml::to_string(&Widget::crd()).unwrap(),
+    )
+    .unwrap();
     std::fs::write(
         manifests.join("10-widgets.yaml"),
         "apiVersion: test.tessera.io/v1\nkind: Widget\nmetadata:\n  name: w1\n  labels: {app: demo}\nspec:\n  sizeBytes: 10\n  mode: Fast\n---\napiVersion: test.tessera.io/v1\nkind: Widget\nmetadata:\n  name: w2\nspec:\n  sizeBytes: 20\n  mode: Slow\n",
@@ -57,7 +65,12 @@ async fn kubectl_apply_get_delete_api_resources() {
     // any cluster), then the whole directory with default flags (client-side validation on).
     let (ok, out, err) = run(vec!["apply".into(), "-f".into(), crd_file]).await;
     assert!(ok, "{out}{err}");
-    assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/widgets.test.tessera.io created"), "{out}");
+    assert!(
+        out.contains(
+            "customresourcedefinition.apiextensions.k8s.io/widgets.test.tessera.io created"
+        ),
+        "{out}"
+    );
     let (ok, out, err) = run(vec!["apply".into(), "-f".into(), dir.clone()]).await;
     assert!(ok, "{out}{err}");
     assert!(out.contains("widget.test.tessera.io/w1 created"), "{out}");
@@ -66,7 +79,10 @@ async fn kubectl_apply_get_delete_api_resources() {
 
     // Re-applying is a no-op.
     let (ok, out, _) = run(vec!["apply".into(), "-f".into(), dir.clone()]).await;
-    assert!(ok && out.contains("widget.test.tessera.io/w1 unchanged"), "{out}");
+    assert!(
+        ok && out.contains("widget.test.tessera.io/w1 unchanged"),
+        "{out}"
+    );
 
     // get <shortname>: the printer columns.
     let (ok, out, err) = run(vec!["get".into(), "wg".into()]).await;
@@ -79,24 +95,66 @@ async fn kubectl_apply_get_delete_api_resources() {
     assert!(row[3].ends_with('s'), "age column: {row:?}");
 
     // Label selectors through kubectl.
-    let (ok, out, _) = run(vec!["get".into(), "widgets".into(), "-l".into(), "app=demo".into(), "-o".into(), "name".into()]).await;
+    let (ok, out, _) = run(vec![
+        "get".into(),
+        "widgets".into(),
+        "-l".into(),
+        "app=demo".into(),
+        "-o".into(),
+        "name".into(),
+    ])
+    .await;
     assert!(ok);
     assert_eq!(out.trim(), "widget.test.tessera.io/w1");
 
-    let (ok, out, err) = run(vec!["get".into(), "wg".into(), "w1".into(), "-o".into(), "yaml".into()]).await;
+    let (ok, out, err) = run(vec![
+        "get".into(),
+        "wg".into(),
+        "w1".into(),
+        "-o".into(),
+        "yaml".into(),
+    ])
+    .await;
     assert!(ok, "{err}");
-    assert!(out.contains("kind: Widget") && out.contains("sizeBytes: 10"), "{out}");
+    assert!(
+        out.contains("kind: Widget") && out.contains("sizeBytes: 10"),
+        "{out}"
+    );
 
     let (ok, out, err) = run(vec!["api-resources".into()]).await;
     assert!(ok, "{err}");
-    let line = out.lines().find(|l| l.starts_with("widgets ")).expect("widgets listed");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("widgets "))
+        .expect("widgets listed");
     let cols: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cols, ["widgets", "wg", "test.tessera.io/v1", "true", "Widget"]);
+    assert_eq!(
+        cols,
+        ["widgets", "wg", "test.tessera.io/v1", "true", "Widget"]
+    );
     assert!(out.lines().any(|l| l.starts_with("leases ")));
+
+    // Typed kubectl commands send protobuf bodies; `create namespace` is accepted.
+    let (ok, out, err) = run(vec!["create".into(), "namespace".into(), "team-b".into()]).await;
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = run(vec![
+        "get".into(),
+        "ns".into(),
+        "team-b".into(),
+        "--show-labels".into(),
+    ])
+    .await;
+    assert!(
+        ok && out.contains("kubernetes.io/metadata.name=team-b"),
+        "{out}"
+    );
 
     let (ok, out, err) = run(vec!["delete".into(), "wg".into(), "w1".into()]).await;
     assert!(ok, "{err}");
-    assert!(out.contains("widget.test.tessera.io \"w1\" deleted"), "{out}");
+    assert!(
+        out.contains("widget.test.tessera.io \"w1\" deleted"),
+        "{out}"
+    );
     let (ok, out, _) = run(vec!["get".into(), "wg".into(), "-o".into(), "name".into()]).await;
     assert!(ok);
     assert_eq!(out.trim(), "widget.test.tessera.io/w2");

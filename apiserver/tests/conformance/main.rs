@@ -9,6 +9,7 @@ mod controller;
 mod crud;
 mod discovery;
 mod finalizers;
+mod formats;
 mod kubectl;
 mod pagination;
 mod patches;

@@ -1,9 +1,9 @@
 //! limit/continue through `Api::list` and `kube::runtime::watcher`, consistent snapshots, and
 //! 410 for an expired continue token.
 
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
-use kube::ResourceExt;
 use serde_json::json;
 
 use crate::support::*;
@@ -25,12 +25,22 @@ async fn list_pagination_is_a_consistent_snapshot() {
     let snapshot_rv = first.metadata.resource_version.clone();
 
     // Changes after the first page do not show up in later pages.
-    widgets.delete("w4", &DeleteParams::default()).await.unwrap();
     widgets
-        .patch("w5", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sizeBytes": 99}})))
+        .delete("w4", &DeleteParams::default())
         .await
         .unwrap();
-    widgets.create(&PostParams::default(), &widget("w9", 9)).await.unwrap();
+    widgets
+        .patch(
+            "w5",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sizeBytes": 99}})),
+        )
+        .await
+        .unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("w9", 9))
+        .await
+        .unwrap();
 
     let mut names: Vec<String> = first.items.iter().map(|w| w.name_any()).collect();
     let mut token = Some(token);
@@ -72,16 +82,29 @@ async fn continue_token_outside_the_window_is_410() {
     let token = first.metadata.continue_.unwrap();
     for i in 0..6 {
         widgets
-            .patch("w0", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sizeBytes": 100 + i}})))
+            .patch(
+                "w0",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"sizeBytes": 100 + i}})),
+            )
             .await
             .unwrap();
     }
-    let s = api_error(widgets.list(&ListParams::default().limit(2).continue_token(&token)).await);
+    let s = api_error(
+        widgets
+            .list(&ListParams::default().limit(2).continue_token(&token))
+            .await,
+    );
     assert_eq!((s.code, s.reason.as_str()), (410, "Expired"));
-    assert!(s.message.starts_with("The provided continue parameter is too old"));
+    assert!(
+        s.message
+            .starts_with("The provided continue parameter is too old")
+    );
 }
 
-async fn collect_init(stream: impl futures::Stream<Item = Result<watcher::Event<Widget>, watcher::Error>>) -> Vec<String> {
+async fn collect_init(
+    stream: impl futures::Stream<Item = Result<watcher::Event<Widget>, watcher::Error>>,
+) -> Vec<String> {
     let mut stream = std::pin::pin!(stream);
     let mut names = Vec::new();
     loop {
@@ -109,11 +132,17 @@ async fn watcher_paginates_and_streams() {
         expected.push(format!("w{i}"));
     }
     // ListWatch with a page size smaller than the collection: several list calls.
-    let paged = watcher(widgets.clone(), watcher::Config::default().page_size(2).timeout(5));
+    let paged = watcher(
+        widgets.clone(),
+        watcher::Config::default().page_size(2).timeout(5),
+    );
     assert_eq!(collect_init(paged).await, expected);
 
     // Streaming list (sendInitialEvents + the initial-events-end bookmark).
-    let streaming = watcher(widgets.clone(), watcher::Config::default().streaming_lists().timeout(5));
+    let streaming = watcher(
+        widgets.clone(),
+        watcher::Config::default().streaming_lists().timeout(5),
+    );
     let mut streaming = std::pin::pin!(streaming);
     let mut names = Vec::new();
     loop {
@@ -127,7 +156,10 @@ async fn watcher_paginates_and_streams() {
     names.sort();
     assert_eq!(names, expected);
     // ... and it keeps watching after the initial list.
-    widgets.create(&PostParams::default(), &widget("late", 1)).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("late", 1))
+        .await
+        .unwrap();
     match next(&mut streaming).await.unwrap() {
         watcher::Event::Apply(w) => assert_eq!(w.name_any(), "late"),
         other => panic!("unexpected {other:?}"),

@@ -2,8 +2,8 @@
 //! create through apply, fieldManager required), strategic merge patch on a built-in.
 
 use k8s_openapi::api::core::v1::Namespace;
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::support::*;
@@ -22,17 +22,29 @@ async fn merge_patch() {
         .unwrap();
     assert_eq!(
         out.labels().clone(),
-        [("b".to_string(), "2".to_string()), ("c".to_string(), "3".to_string())].into()
+        [
+            ("b".to_string(), "2".to_string()),
+            ("c".to_string(), "3".to_string())
+        ]
+        .into()
     );
     assert_eq!(out.spec.max_bytes, Some(10));
     assert_eq!(out.spec.size_bytes, 1);
     // A patch on a missing object is a 404.
-    let s = api_error(widgets.patch("nope", &PatchParams::default(), &Patch::Merge(&p)).await);
+    let s = api_error(
+        widgets
+            .patch("nope", &PatchParams::default(), &Patch::Merge(&p))
+            .await,
+    );
     assert_eq!(s.code, 404);
     // A stale resourceVersion inside the patch is a conflict.
     let s = api_error(
         widgets
-            .patch("m", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"resourceVersion": "1"}})))
+            .patch(
+                "m",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"resourceVersion": "1"}})),
+            )
             .await,
     );
     assert_eq!(s.code, 409);
@@ -42,7 +54,10 @@ async fn merge_patch() {
 async fn json_patch_and_failed_test() {
     let (_ts, client) = setup().await;
     let widgets: Api<Widget> = Api::namespaced(client, "default");
-    widgets.create(&PostParams::default(), &widget("j", 1)).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("j", 1))
+        .await
+        .unwrap();
     let ok: json_patch::Patch = serde_json::from_value(json!([
         {"op": "test", "path": "/spec/sizeBytes", "value": 1},
         {"op": "replace", "path": "/spec/sizeBytes", "value": 7},
@@ -62,10 +77,21 @@ async fn json_patch_and_failed_test() {
         {"op": "replace", "path": "/spec/sizeBytes", "value": 8},
     ]))
     .unwrap();
-    let s = api_error(widgets.patch("j", &PatchParams::default(), &Patch::Json::<()>(failing)).await);
+    let s = api_error(
+        widgets
+            .patch("j", &PatchParams::default(), &Patch::Json::<()>(failing))
+            .await,
+    );
     assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
-    assert_eq!(s.message, "the server rejected our request due to an error in our request");
-    assert_eq!(widgets.get("j").await.unwrap().spec.size_bytes, 7, "nothing applied");
+    assert_eq!(
+        s.message,
+        "the server rejected our request due to an error in our request"
+    );
+    assert_eq!(
+        widgets.get("j").await.unwrap().spec.size_bytes,
+        7,
+        "nothing applied"
+    );
 }
 
 #[tokio::test]
@@ -98,9 +124,14 @@ async fn server_side_apply_is_a_merge_recorded_in_managed_fields() {
         .await
         .unwrap();
     assert_eq!(again.resource_version(), created.resource_version());
-    let more = json!({"apiVersion": "test.tessera.io/v1", "kind": "Widget", "spec": {"maxBytes": 9}});
+    let more =
+        json!({"apiVersion": "test.tessera.io/v1", "kind": "Widget", "spec": {"maxBytes": 9}});
     let out = widgets
-        .patch("a", &PatchParams::apply("other").force(), &Patch::Apply(&more))
+        .patch(
+            "a",
+            &PatchParams::apply("other").force(),
+            &Patch::Apply(&more),
+        )
         .await
         .unwrap();
     assert_eq!((out.spec.size_bytes, out.spec.max_bytes), (3, Some(9)));
@@ -114,9 +145,17 @@ async fn server_side_apply_is_a_merge_recorded_in_managed_fields() {
     assert_eq!(managers, ["tester", "other"]);
 
     // fieldManager is required for apply (422 on PatchOptions, like the real server).
-    let s = api_error(widgets.patch("a", &PatchParams::default(), &Patch::Apply(&applied)).await);
+    let s = api_error(
+        widgets
+            .patch("a", &PatchParams::default(), &Patch::Apply(&applied))
+            .await,
+    );
     assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"));
-    assert!(s.message.contains("fieldManager: Required value"), "{}", s.message);
+    assert!(
+        s.message.contains("fieldManager: Required value"),
+        "{}",
+        s.message
+    );
 }
 
 #[tokio::test]
@@ -131,5 +170,8 @@ async fn strategic_merge_patch_on_builtin() {
         )
         .await
         .unwrap();
-    assert_eq!(out.labels().get("team").map(String::as_str), Some("storage"));
+    assert_eq!(
+        out.labels().get("team").map(String::as_str),
+        Some("storage")
+    );
 }

@@ -2,13 +2,20 @@
 
 use std::collections::BTreeMap;
 
-use kube::api::{Api, ListParams, PostParams};
 use kube::ResourceExt;
+use kube::api::{Api, ListParams, PostParams};
 
 use crate::support::*;
 
 async fn names(api: &Api<Widget>, lp: ListParams) -> Vec<String> {
-    let mut v: Vec<String> = api.list(&lp).await.unwrap().items.iter().map(|w| w.name_any()).collect();
+    let mut v: Vec<String> = api
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|w| w.name_any())
+        .collect();
     v.sort();
     v
 }
@@ -59,8 +66,14 @@ async fn field_selectors() {
     .unwrap();
     let default: Api<Widget> = Api::namespaced(client.clone(), "default");
     let other: Api<Widget> = Api::namespaced(client.clone(), "other");
-    default.create(&PostParams::default(), &widget("a", 1)).await.unwrap();
-    default.create(&PostParams::default(), &widget("b", 1)).await.unwrap();
+    default
+        .create(&PostParams::default(), &widget("a", 1))
+        .await
+        .unwrap();
+    default
+        .create(&PostParams::default(), &widget("b", 1))
+        .await
+        .unwrap();
     let mut slow = widget("a", 1);
     slow.spec.mode = Mode::Slow;
     other.create(&PostParams::default(), &slow).await.unwrap();
@@ -74,14 +87,31 @@ async fn field_selectors() {
         v.sort();
         v
     };
-    assert_eq!(got(all.list(&f("metadata.name=a")).await.unwrap().items), ["default/a", "other/a"]);
-    assert_eq!(got(all.list(&f("metadata.namespace=other")).await.unwrap().items), ["other/a"]);
     assert_eq!(
-        got(all.list(&f("metadata.name==a,metadata.namespace!=other")).await.unwrap().items),
+        got(all.list(&f("metadata.name=a")).await.unwrap().items),
+        ["default/a", "other/a"]
+    );
+    assert_eq!(
+        got(all
+            .list(&f("metadata.namespace=other"))
+            .await
+            .unwrap()
+            .items),
+        ["other/a"]
+    );
+    assert_eq!(
+        got(all
+            .list(&f("metadata.name==a,metadata.namespace!=other"))
+            .await
+            .unwrap()
+            .items),
         ["default/a"]
     );
     // A CRD `selectableFields` entry is selectable too.
-    assert_eq!(got(all.list(&f("spec.mode=Slow")).await.unwrap().items), ["other/a"]);
+    assert_eq!(
+        got(all.list(&f("spec.mode=Slow")).await.unwrap().items),
+        ["other/a"]
+    );
     // Anything else is a 400, like the real server.
     let s = api_error(all.list(&f("spec.sizeBytes=1")).await);
     assert_eq!((s.code, s.reason.as_str()), (400, "BadRequest"));

@@ -21,10 +21,11 @@ use tessera_apiserver::{ApiServer, ApiServerBuilder, RunningServer};
     status = "WidgetStatus",
     shortname = "wg",
     category = "tessera",
-    printcolumn(name = "Size", type_ = "integer", json_path = ".spec.sizeBytes"),
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    // Raw JSON columns: the structured form trips clippy's duplicated_attributes.
+    printcolumn = r#"{"name": "Size", "type": "integer", "jsonPath": ".spec.sizeBytes"}"#,
+    printcolumn = r#"{"name": "Mode", "type": "string", "jsonPath": ".spec.mode"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#,
     selectable = ".spec.mode"
 )]
 #[x_kube(validation = "!has(self.maxBytes) || self.sizeBytes <= self.maxBytes")]

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use serde_json::json;
 
 use crate::support::*;
@@ -26,12 +26,22 @@ fn kinds(evs: &[WatchEvent<Widget>]) -> Vec<String> {
 async fn watch_from_resource_version_in_order() {
     let (_ts, client) = setup().await;
     let widgets: Api<Widget> = Api::namespaced(client, "default");
-    let w = widgets.create(&PostParams::default(), &widget("before", 1)).await.unwrap();
+    let w = widgets
+        .create(&PostParams::default(), &widget("before", 1))
+        .await
+        .unwrap();
     let from = w.resource_version().unwrap();
 
-    widgets.create(&PostParams::default(), &widget("a", 1)).await.unwrap();
     widgets
-        .patch("a", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sizeBytes": 2}})))
+        .create(&PostParams::default(), &widget("a", 1))
+        .await
+        .unwrap();
+    widgets
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sizeBytes": 2}})),
+        )
         .await
         .unwrap();
     widgets.delete("a", &DeleteParams::default()).await.unwrap();
@@ -57,7 +67,10 @@ async fn watch_from_resource_version_in_order() {
     assert!(rvs.windows(2).all(|p| p[0] < p[1]), "{rvs:?}");
 
     // Live events keep coming.
-    widgets.create(&PostParams::default(), &widget("live", 1)).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("live", 1))
+        .await
+        .unwrap();
     assert_eq!(kinds(&[next(&mut stream).await.unwrap()]), ["ADDED live"]);
 }
 
@@ -65,7 +78,10 @@ async fn watch_from_resource_version_in_order() {
 async fn rv_zero_and_absent_start_with_the_current_state() {
     let (_ts, client) = setup().await;
     let widgets: Api<Widget> = Api::namespaced(client, "default");
-    widgets.create(&PostParams::default(), &widget("x", 1)).await.unwrap();
+    widgets
+        .create(&PostParams::default(), &widget("x", 1))
+        .await
+        .unwrap();
     for rv in ["0", ""] {
         let params = WatchParams::default().disable_bookmarks().timeout(5);
         let stream = widgets.watch(&params, rv).await.unwrap();
@@ -78,19 +94,27 @@ async fn rv_zero_and_absent_start_with_the_current_state() {
 async fn periodic_bookmarks_carry_the_latest_resource_version() {
     let (_ts, client) = setup().await;
     let widgets: Api<Widget> = Api::namespaced(client.clone(), "default");
-    let w = widgets.create(&PostParams::default(), &widget("x", 1)).await.unwrap();
+    let w = widgets
+        .create(&PostParams::default(), &widget("x", 1))
+        .await
+        .unwrap();
     let rv = w.resource_version().unwrap();
     // Changes elsewhere advance the bookmark's resourceVersion.
     let gadgets: Api<Gadget> = Api::all(client);
     let g = gadgets
-        .create(&PostParams::default(), &Gadget::new("g", GadgetSpec { color: "c".into() }))
+        .create(
+            &PostParams::default(),
+            &Gadget::new("g", GadgetSpec { color: "c".into() }),
+        )
         .await
         .unwrap();
     let params = WatchParams::default().timeout(5);
     let stream = widgets.watch(&params, &rv).await.unwrap();
     let mut stream = std::pin::pin!(stream);
     match next(&mut stream).await.unwrap() {
-        WatchEvent::Bookmark(b) => assert_eq!(b.metadata.resource_version, g.resource_version().unwrap()),
+        WatchEvent::Bookmark(b) => {
+            assert_eq!(b.metadata.resource_version, g.resource_version().unwrap())
+        }
         other => panic!("expected a bookmark, got {other:?}"),
     }
 }
@@ -98,14 +122,21 @@ async fn periodic_bookmarks_carry_the_latest_resource_version() {
 #[tokio::test]
 async fn bookmark_at_timeout_then_end_of_stream() {
     // Periodic bookmarks far away: the only bookmark is the one sent at timeoutSeconds.
-    let ts = TestServer::start_with(fast_builder().bookmark_interval(Duration::from_secs(60))).await;
+    let ts =
+        TestServer::start_with(fast_builder().bookmark_interval(Duration::from_secs(60))).await;
     let client = ts.client();
     install_crds(&client).await;
     let widgets: Api<Widget> = Api::namespaced(client, "default");
-    let w = widgets.create(&PostParams::default(), &widget("x", 1)).await.unwrap();
+    let w = widgets
+        .create(&PostParams::default(), &widget("x", 1))
+        .await
+        .unwrap();
     let rv = w.resource_version().unwrap();
     let started = tokio::time::Instant::now();
-    let stream = widgets.watch(&WatchParams::default().timeout(1), &rv).await.unwrap();
+    let stream = widgets
+        .watch(&WatchParams::default().timeout(1), &rv)
+        .await
+        .unwrap();
     let mut stream = std::pin::pin!(stream);
     let mut evs = Vec::new();
     while let Some(ev) = tokio::time::timeout(Duration::from_secs(5), stream.next())
@@ -116,7 +147,10 @@ async fn bookmark_at_timeout_then_end_of_stream() {
     }
     assert_eq!(kinds(&evs), ["BOOKMARK"]);
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3), "{elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "{elapsed:?}"
+    );
 }
 
 #[tokio::test]
@@ -125,20 +159,34 @@ async fn expired_resource_version_is_410_gone() {
     let client = ts.client();
     install_crds(&client).await;
     let widgets: Api<Widget> = Api::namespaced(client, "default");
-    let w = widgets.create(&PostParams::default(), &widget("x", 0)).await.unwrap();
+    let w = widgets
+        .create(&PostParams::default(), &widget("x", 0))
+        .await
+        .unwrap();
     let old = w.resource_version().unwrap();
     for i in 1..10 {
         widgets
-            .patch("x", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sizeBytes": i}})))
+            .patch(
+                "x",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"sizeBytes": i}})),
+            )
             .await
             .unwrap();
     }
-    let stream = widgets.watch(&WatchParams::default().timeout(5), &old).await.unwrap();
+    let stream = widgets
+        .watch(&WatchParams::default().timeout(5), &old)
+        .await
+        .unwrap();
     let mut stream = std::pin::pin!(stream);
     match next(&mut stream).await.unwrap() {
         WatchEvent::Error(s) => {
             assert_eq!((s.code, s.reason.as_str()), (410, "Expired"));
-            assert!(s.message.starts_with("too old resource version"), "{}", s.message);
+            assert!(
+                s.message.starts_with("too old resource version"),
+                "{}",
+                s.message
+            );
         }
         other => panic!("expected 410, got {other:?}"),
     }
@@ -156,14 +204,30 @@ async fn selector_watch_sees_objects_leave_and_enter() {
     let mut w = widget("x", 1);
     w.metadata.labels = Some([("app".to_string(), "web".to_string())].into());
     let w = widgets.create(&PostParams::default(), &w).await.unwrap();
-    let params = WatchParams::default().labels("app=web").disable_bookmarks().timeout(5);
-    let stream = widgets.watch(&params, &w.resource_version().unwrap()).await.unwrap();
+    let params = WatchParams::default()
+        .labels("app=web")
+        .disable_bookmarks()
+        .timeout(5);
+    let stream = widgets
+        .watch(&params, &w.resource_version().unwrap())
+        .await
+        .unwrap();
     let mut stream = std::pin::pin!(stream);
     let relabel = |v: &str| Patch::Merge(json!({"metadata": {"labels": {"app": v}}}));
-    widgets.patch("x", &PatchParams::default(), &relabel("db")).await.unwrap();
-    widgets.patch("x", &PatchParams::default(), &relabel("web")).await.unwrap();
     widgets
-        .patch("x", &PatchParams::default(), &Patch::Merge(json!({"spec": {"sizeBytes": 5}})))
+        .patch("x", &PatchParams::default(), &relabel("db"))
+        .await
+        .unwrap();
+    widgets
+        .patch("x", &PatchParams::default(), &relabel("web"))
+        .await
+        .unwrap();
+    widgets
+        .patch(
+            "x",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"sizeBytes": 5}})),
+        )
         .await
         .unwrap();
     let mut evs = Vec::new();

@@ -1,0 +1,691 @@
+//! One virtual volume on this node: translation through the active extent map, replicas, usage
+//! and dirty tracking. See the module documentation of [`crate::engine`] for the guarantees.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::{Bytes, BytesMut};
+use futures::future::join_all;
+use parking_lot::Mutex;
+use roaring::RoaringBitmap;
+use tessera_api::model::{
+    AreaId, ByteRange, ExtentMap, ExtentSize, Generation, Placement, SECTOR_SIZE, Segment, diff,
+};
+use tessera_api::v1alpha1::DataPriority;
+
+use super::dirty::DirtyTracker;
+use super::error::EngineError;
+use super::health::{ReplicaHealth, VolumeHealth};
+use super::usage::{UsageDelta, UsageTracker};
+use crate::backend::{AreaBackend, AreaRegistry, BackendError};
+
+/// Most extents a volume may have: usage and dirty reports index extents with `u32`.
+pub const MAX_EXTENTS: u64 = 1 << 32;
+
+/// How the usage bitmaps start when a volume is opened.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum UsageInit {
+    /// Every mapped extent in use, at the volume's priority. The safe choice when the history is
+    /// unknown (a node plugin restart): nothing is reported unused that might hold data.
+    #[default]
+    AllMapped,
+    /// Nothing in use (a volume created just now).
+    Empty,
+    /// Bits restored from elsewhere (for example the operator's last applied report). Bits of
+    /// holes are dropped.
+    Restored {
+        in_use: RoaringBitmap,
+        high_priority: RoaringBitmap,
+    },
+}
+
+/// Options of [`Volume::open`].
+#[derive(Debug, Clone, Default)]
+pub struct VolumeOptions {
+    /// The data priority from the volume's priority class (seed 000 data priority 424).
+    pub priority: DataPriority,
+    pub usage: UsageInit,
+}
+
+/// A data-changing request, issued to every healthy replica of a piece.
+#[derive(Clone)]
+enum Mutation {
+    Write { data: Bytes, fua: bool },
+    WriteZeroes { fua: bool },
+    Trim,
+}
+
+/// A virtual volume served by this node.
+pub struct Volume {
+    name: String,
+    /// The active map (seed 004 plane 221a). Requests pin it with `load_full`.
+    map: ArcSwap<ExtentMap>,
+    /// Serialises `swap_map` calls (check-then-store).
+    swap_lock: Mutex<()>,
+    areas: Arc<AreaRegistry>,
+    health: ReplicaHealth,
+    usage: UsageTracker,
+    dirty: DirtyTracker,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let map = self.map.load();
+        f.debug_struct("Volume")
+            .field("name", &self.name)
+            .field("size_bytes", &map.size_bytes())
+            .field("generation", &map.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Volume {
+    /// Opens a volume with its current map. Every area the map names must be registered.
+    pub fn open(
+        name: impl Into<String>,
+        map: Arc<ExtentMap>,
+        areas: Arc<AreaRegistry>,
+        options: VolumeOptions,
+    ) -> Result<Volume, EngineError> {
+        check_extent_count(&map)?;
+        check_areas(&map, &areas)?;
+        let extents = map.extent_count();
+        let usage = UsageTracker::new(map.extent_size().get(), extents, options.priority);
+        match options.usage {
+            UsageInit::Empty => {}
+            UsageInit::AllMapped => {
+                for run in map.runs().iter().filter(|r| !r.is_hole()) {
+                    usage.mark_written(extent_span(map.extent_size(), run.offset, run.end()));
+                }
+            }
+            UsageInit::Restored {
+                in_use,
+                high_priority,
+            } => {
+                let mapped = |index: u32| {
+                    map.extent_size()
+                        .start_of(u64::from(index))
+                        .and_then(|start| map.run_at(start))
+                        .is_some_and(|run| !run.is_hole())
+                };
+                for index in in_use.iter().filter(|&i| mapped(i)) {
+                    let priority = if high_priority.contains(index) {
+                        DataPriority::High
+                    } else {
+                        DataPriority::Low
+                    };
+                    usage.set_priority(priority);
+                    usage.mark_written(u64::from(index)..u64::from(index) + 1);
+                }
+                usage.set_priority(options.priority);
+            }
+        }
+        Ok(Volume {
+            name: name.into(),
+            map: ArcSwap::new(map),
+            swap_lock: Mutex::new(()),
+            areas,
+            health: ReplicaHealth::default(),
+            usage,
+            dirty: DirtyTracker::new(extents),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The volume's size in bytes under the active map.
+    pub fn size(&self) -> u64 {
+        self.map.load().size_bytes()
+    }
+
+    /// The active map's generation.
+    pub fn generation(&self) -> Generation {
+        self.map.load().generation()
+    }
+
+    /// The active map.
+    pub fn map(&self) -> Arc<ExtentMap> {
+        self.map.load_full()
+    }
+
+    /// Pins the map a request is translated with. **I/O gate seam** (ARCHITECTURE §4 "I/O gate",
+    /// seed 004 §7.1/§11.4): the gate of the hold issue goes here — check the hold flag of the
+    /// request's domains, park the request in arrival order while held (805), otherwise count it
+    /// in flight (in-process queue 252) until it completes, then load the map. Today nothing
+    /// holds, so a request pins whatever map is active when it starts and finishes on it.
+    fn pin(&self) -> Arc<ExtentMap> {
+        self.map.load_full()
+    }
+
+    /// Replaces the active map (seed 004 "Commit": 706–708). Only a newer generation of the same
+    /// pool (extent size) and at least the same size is accepted, and every area it names must be
+    /// registered. Requests already running finish on the map they pinned; later requests use the
+    /// new one. Extents that are holes in the new map but were mapped before lose their usage bits
+    /// (seed 000 Fig. 9 release). Without the gate this does not wait for in-flight requests.
+    pub fn swap_map(&self, new: Arc<ExtentMap>) -> Result<(), EngineError> {
+        let _serial = self.swap_lock.lock();
+        let current = self.map.load_full();
+        if new.generation() <= current.generation() {
+            return Err(EngineError::GenerationNotNewer {
+                active: current.generation(),
+                offered: new.generation(),
+            });
+        }
+        if new.extent_size() != current.extent_size() {
+            return Err(EngineError::IncompatibleMap {
+                reason: format!(
+                    "extent size {} differs from the volume's {}",
+                    new.extent_size(),
+                    current.extent_size()
+                ),
+            });
+        }
+        if new.size_bytes() < current.size_bytes() {
+            return Err(EngineError::IncompatibleMap {
+                reason: format!(
+                    "size {} is smaller than the volume's {} (volumes only grow)",
+                    new.size_bytes(),
+                    current.size_bytes()
+                ),
+            });
+        }
+        check_extent_count(&new)?;
+        check_areas(&new, &self.areas)?;
+        let released = diff(&current, &new)?;
+        // Grow before publishing, so a request pinning the new map finds its bits.
+        self.usage.grow(new.extent_count());
+        self.dirty.grow(new.extent_count());
+        self.map.store(Arc::clone(&new));
+        let extent_size = new.extent_size();
+        for change in released.changes() {
+            if matches!(change.new, Placement::Hole) && change.old.is_mapped() {
+                self.usage.mark_unused(extent_span(
+                    extent_size,
+                    change.range.offset(),
+                    change.range.end(),
+                ));
+            }
+        }
+        tracing::debug!(volume = %self.name, from = %current.generation(),
+            to = %new.generation(), "mapping swapped");
+        Ok(())
+    }
+
+    /// Validates a request against the pinned map: 512-byte granularity, inside the volume.
+    fn request_range(
+        &self,
+        map: &ExtentMap,
+        offset: u64,
+        length: u64,
+    ) -> Result<ByteRange, EngineError> {
+        if !offset.is_multiple_of(SECTOR_SIZE) || !length.is_multiple_of(SECTOR_SIZE) {
+            return Err(EngineError::Unaligned { offset, length });
+        }
+        let out_of_range = EngineError::OutOfRange {
+            offset,
+            length,
+            size_bytes: map.size_bytes(),
+        };
+        match ByteRange::new(offset, length) {
+            Ok(range) if range.end() <= map.size_bytes() => Ok(range),
+            _ => Err(out_of_range),
+        }
+    }
+
+    /// Reads `length` bytes at `offset`. Holes read as zeros. Each piece is read from its first
+    /// healthy replica, falling back to the next on an error.
+    pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes, EngineError> {
+        let map = self.pin();
+        let range = self.request_range(&map, offset, length)?;
+        if range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let generation = map.generation();
+        let segments: Vec<Segment<'_>> = map.translate(range)?.collect();
+        let pieces = join_all(
+            segments
+                .iter()
+                .map(|segment| self.read_piece(generation, segment)),
+        )
+        .await;
+        if pieces.len() == 1 {
+            return pieces.into_iter().next().unwrap_or(Ok(Bytes::new()));
+        }
+        let mut out = BytesMut::with_capacity(range.length() as usize);
+        for piece in pieces {
+            out.extend_from_slice(&piece?);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn read_piece(
+        &self,
+        generation: Generation,
+        segment: &Segment<'_>,
+    ) -> Result<Bytes, EngineError> {
+        let length = segment.length() as usize;
+        if segment.is_hole() {
+            return Ok(Bytes::from(vec![0u8; length]));
+        }
+        let mut failed: Vec<(AreaId, io::Error)> = Vec::new();
+        for location in segment.replicas() {
+            if !self.health.is_healthy(location.area) {
+                continue;
+            }
+            let result = match self.backend(location.area) {
+                Ok(backend) => {
+                    backend
+                        .read(generation, location.area_offset, length)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(data) if data.len() == length => {
+                    self.mark_failed(segment.range(), &failed);
+                    return Ok(data);
+                }
+                Ok(data) => failed.push((
+                    location.area.clone(),
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("short read: {} of {length} bytes", data.len()),
+                    ),
+                )),
+                Err(BackendError::StaleGeneration { sent, current }) => {
+                    return Err(EngineError::StaleGeneration {
+                        area: location.area.clone(),
+                        sent,
+                        current,
+                    });
+                }
+                Err(BackendError::Io(e)) => failed.push((location.area.clone(), e)),
+            }
+        }
+        Err(all_failed(segment.range(), failed))
+    }
+
+    /// Writes `data` at `offset`; with `fua`, the data is durable on every replica that took it
+    /// when this returns. A write touching a hole fails with [`EngineError::NeedsAllocation`]
+    /// before anything is written.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
+        let map = self.pin();
+        let range = self.request_range(&map, offset, data.len() as u64)?;
+        if range.is_empty() {
+            return Ok(());
+        }
+        let segments: Vec<Segment<'_>> = map.translate(range)?.collect();
+        if let Some(holes) = hole_span(&map, &segments) {
+            return Err(EngineError::NeedsAllocation { range: holes });
+        }
+        let extents = range.extent_indices(map.extent_size());
+        self.dirty.mark(extents.clone());
+        // Seed 000 Fig. 8 steps 804–812, before the data is issued (see `usage`).
+        self.usage.mark_written(extents.clone());
+        let results = self
+            .mutate(&map, &segments, |segment| {
+                let start = (segment.offset() - offset) as usize;
+                let end = start + segment.length() as usize;
+                Mutation::Write {
+                    data: data.slice(start..end),
+                    fua,
+                }
+            })
+            .await;
+        self.dirty.mark(extents);
+        first_error(results)
+    }
+
+    /// Makes `[offset, offset + length)` read back as zeros. Holes already do and are skipped.
+    /// Whole extents it covers are no longer in use (usage bit cleared, like a trim).
+    pub async fn write_zeroes(&self, offset: u64, length: u64, fua: bool) -> Result<(), EngineError> {
+        self.discard(offset, length, Mutation::WriteZeroes { fua })
+            .await
+    }
+
+    /// Discards `[offset, offset + length)`. Advisory for the data: a trimmed byte reads back as
+    /// its old value or as zero (the local backend punches a hole, so in practice zero). Whole
+    /// extents it covers are no longer in use (seed 000 usage bit 332 cleared); a partial extent
+    /// keeps its bit.
+    pub async fn trim(&self, offset: u64, length: u64) -> Result<(), EngineError> {
+        self.discard(offset, length, Mutation::Trim).await
+    }
+
+    async fn discard(&self, offset: u64, length: u64, mutation: Mutation) -> Result<(), EngineError> {
+        let map = self.pin();
+        let range = self.request_range(&map, offset, length)?;
+        if range.is_empty() {
+            return Ok(());
+        }
+        let segments: Vec<Segment<'_>> = map.translate(range)?.collect();
+        let extents = range.extent_indices(map.extent_size());
+        self.dirty.mark(extents.clone());
+        let results = self
+            .mutate(&map, &segments, |_| mutation.clone())
+            .await;
+        self.dirty.mark(extents);
+        // Clear the usage of whole extents whose piece succeeded (holes trivially did).
+        let whole = segments
+            .iter()
+            .zip(&results)
+            .filter(|(segment, result)| result.is_ok() && covers_extent(&map, segment))
+            .map(|(segment, _)| segment.extent_index());
+        self.usage.mark_unused(whole);
+        first_error(results)
+    }
+
+    /// Issues `mutation` for every mapped piece, concurrently; one result per segment (holes:
+    /// `Ok`). Returns only when every piece has completed.
+    async fn mutate(
+        &self,
+        map: &ExtentMap,
+        segments: &[Segment<'_>],
+        mutation: impl Fn(&Segment<'_>) -> Mutation,
+    ) -> Vec<Result<(), EngineError>> {
+        let generation = map.generation();
+        join_all(segments.iter().map(|segment| {
+            let mutation = (!segment.is_hole()).then(|| mutation(segment));
+            async move {
+                match mutation {
+                    Some(mutation) => self.mutate_piece(generation, segment, mutation).await,
+                    None => Ok(()),
+                }
+            }
+        }))
+        .await
+    }
+
+    /// One piece on every healthy replica, concurrently; succeeds when at least one replica took
+    /// it (ARCHITECTURE §4 "Mirrored writes": ack after every healthy replica acknowledged).
+    async fn mutate_piece(
+        &self,
+        generation: Generation,
+        segment: &Segment<'_>,
+        mutation: Mutation,
+    ) -> Result<(), EngineError> {
+        let length = segment.length();
+        let targets: Vec<_> = segment
+            .replicas()
+            .filter(|location| self.health.is_healthy(location.area))
+            .collect();
+        let results = join_all(targets.iter().map(|location| {
+            let mutation = mutation.clone();
+            async move {
+                let backend = self.backend(location.area)?;
+                let offset = location.area_offset;
+                match mutation {
+                    Mutation::Write { data, fua } => {
+                        backend.write(generation, offset, data, fua).await
+                    }
+                    Mutation::WriteZeroes { fua } => {
+                        backend
+                            .write_zeroes(generation, offset, length, fua)
+                            .await
+                    }
+                    Mutation::Trim => backend.trim(generation, offset, length).await,
+                }
+            }
+        }))
+        .await;
+        let mut failed: Vec<(AreaId, io::Error)> = Vec::new();
+        let mut succeeded = false;
+        for (location, result) in targets.iter().zip(results) {
+            match result {
+                Ok(()) => succeeded = true,
+                Err(BackendError::StaleGeneration { sent, current }) => {
+                    return Err(EngineError::StaleGeneration {
+                        area: location.area.clone(),
+                        sent,
+                        current,
+                    });
+                }
+                Err(BackendError::Io(e)) => failed.push((location.area.clone(), e)),
+            }
+        }
+        if succeeded {
+            self.mark_failed(segment.range(), &failed);
+            Ok(())
+        } else {
+            Err(all_failed(segment.range(), failed))
+        }
+    }
+
+    /// Makes every write acknowledged before this call durable on every healthy replica of the
+    /// active map's areas. A failing area is marked unhealthy when every mapped run on it has
+    /// another healthy replica that flushed; otherwise the flush fails (EIO).
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        let map = self.pin();
+        let generation = map.generation();
+        let mut areas: Vec<&AreaId> = map
+            .runs()
+            .iter()
+            .flat_map(|run| run.replicas.iter().map(|r| &r.area))
+            .filter(|area| self.health.is_healthy(area))
+            .collect();
+        areas.sort_unstable();
+        areas.dedup();
+        let results = join_all(areas.iter().map(|area| async move {
+            let backend = self.backend(area)?;
+            backend.flush(generation).await
+        }))
+        .await;
+        let mut failed: BTreeMap<&AreaId, io::Error> = BTreeMap::new();
+        for (area, result) in areas.iter().zip(results) {
+            match result {
+                Ok(()) => {}
+                Err(BackendError::StaleGeneration { sent, current }) => {
+                    return Err(EngineError::StaleGeneration {
+                        area: (*area).clone(),
+                        sent,
+                        current,
+                    });
+                }
+                Err(BackendError::Io(e)) => {
+                    failed.insert(area, e);
+                }
+            }
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        // A run whose every healthy replica failed to flush has no durable copy.
+        for run in map.runs().iter().filter(|r| !r.is_hole()) {
+            let healthy: Vec<&AreaId> = run
+                .replicas
+                .iter()
+                .map(|r| &r.area)
+                .filter(|area| self.health.is_healthy(area))
+                .collect();
+            if !healthy.is_empty() && healthy.iter().all(|area| failed.contains_key(area)) {
+                let range = run.range()?;
+                let errors = healthy
+                    .iter()
+                    .filter_map(|area| failed.remove(area).map(|e| ((*area).clone(), e)))
+                    .collect();
+                return Err(all_failed(range, errors));
+            }
+        }
+        let areas: Vec<AreaId> = failed.keys().map(|area| (*area).clone()).collect();
+        tracing::warn!(volume = %self.name, areas = ?areas, "flush failed; replicas marked unhealthy");
+        self.health.mark_unhealthy(&areas);
+        Ok(())
+    }
+
+    /// Marks the replicas that failed a piece another replica served.
+    fn mark_failed(&self, range: ByteRange, failed: &[(AreaId, io::Error)]) {
+        if failed.is_empty() {
+            return;
+        }
+        for (area, error) in failed {
+            tracing::warn!(volume = %self.name, %area, %range, %error,
+                "replica failed; marked unhealthy, volume degraded");
+        }
+        self.health.mark_unhealthy(failed.iter().map(|(area, _)| area));
+    }
+
+    fn backend(&self, area: &AreaId) -> Result<Arc<dyn AreaBackend>, BackendError> {
+        self.areas.get(area).ok_or_else(|| {
+            BackendError::Io(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("area {area} is not registered on this node"),
+            ))
+        })
+    }
+
+    /// Replica health under the active map.
+    pub fn health(&self) -> VolumeHealth {
+        self.health.report(&self.map.load())
+    }
+
+    /// Marks the area's replicas of this volume healthy again, after the operator resynced them.
+    /// Must be called while no write of this volume is in flight (under a hold), or a write that
+    /// skipped the area could be missed. Returns whether the area was unhealthy.
+    pub fn restore_replica(&self, area: &AreaId) -> bool {
+        self.health.restore(area)
+    }
+
+    /// The volume's current data priority.
+    pub fn priority(&self) -> DataPriority {
+        self.usage.priority()
+    }
+
+    /// Changes the data priority (the priority class changed); writes from now on use it.
+    pub fn set_priority(&self, priority: DataPriority) {
+        self.usage.set_priority(priority);
+    }
+
+    /// In-use bytes: in-use extents × extent size (seed 000 in-use block count 308).
+    pub fn in_use_bytes(&self) -> u64 {
+        self.usage
+            .in_use_extents()
+            .saturating_mul(self.map.load().extent_size().get())
+    }
+
+    /// High-priority bytes: high-priority extents × extent size (seed 000 count 310).
+    pub fn high_priority_bytes(&self) -> u64 {
+        self.usage
+            .high_priority_extents()
+            .saturating_mul(self.map.load().extent_size().get())
+    }
+
+    /// The usage bitmap 332 (in-use extents).
+    pub fn in_use_extents(&self) -> RoaringBitmap {
+        self.usage.in_use_bitmap()
+    }
+
+    /// The priority bitmap 334 (extents holding high-priority data).
+    pub fn high_priority_extents(&self) -> RoaringBitmap {
+        self.usage.high_priority_bitmap()
+    }
+
+    /// The usage changes since the previous report; the first report is full. See
+    /// [`UsageDelta`] for the apply rules.
+    pub fn take_usage_delta(&self) -> UsageDelta {
+        self.usage
+            .take_report(&self.name, self.generation(), false)
+    }
+
+    /// A full usage report (after the receiver detected a gap); later deltas follow from it.
+    pub fn take_usage_full_report(&self) -> UsageDelta {
+        self.usage.take_report(&self.name, self.generation(), true)
+    }
+
+    /// Starts dirty tracking from an empty bitmap (no-op when already enabled).
+    pub fn enable_dirty_tracking(&self) {
+        self.dirty.enable();
+    }
+
+    /// Stops dirty tracking and forgets the bits.
+    pub fn disable_dirty_tracking(&self) {
+        self.dirty.disable();
+    }
+
+    pub fn dirty_tracking_enabled(&self) -> bool {
+        self.dirty.is_enabled()
+    }
+
+    /// The dirty extents, cleared in the same atomic step (see [`crate::engine`] for which
+    /// writes a snapshot contains).
+    pub fn snapshot_and_clear_dirty(&self) -> RoaringBitmap {
+        self.dirty.snapshot_and_clear()
+    }
+
+    /// The dirty extents, without clearing them.
+    pub fn dirty_extents(&self) -> RoaringBitmap {
+        self.dirty.peek()
+    }
+}
+
+/// Extent indices of `[start, end)`.
+fn extent_span(extent_size: ExtentSize, start: u64, end: u64) -> Range<u64> {
+    ByteRange::from_bounds(start, end)
+        .map(|range| range.extent_indices(extent_size))
+        .unwrap_or(0..0)
+}
+
+fn check_extent_count(map: &ExtentMap) -> Result<(), EngineError> {
+    let extents = map.extent_count();
+    if extents > MAX_EXTENTS {
+        return Err(EngineError::TooManyExtents { extents });
+    }
+    Ok(())
+}
+
+fn check_areas(map: &ExtentMap, areas: &AreaRegistry) -> Result<(), EngineError> {
+    for run in map.runs() {
+        for replica in &run.replicas {
+            if !areas.contains(&replica.area) {
+                return Err(EngineError::UnknownArea {
+                    area: replica.area.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The smallest extent-aligned range (clamped to the volume) covering every hole segment.
+fn hole_span(map: &ExtentMap, segments: &[Segment<'_>]) -> Option<ByteRange> {
+    let mut holes = segments.iter().filter(|s| s.is_hole());
+    let first = holes.next()?;
+    let last = holes.last().unwrap_or(first);
+    let extent_size = map.extent_size();
+    let start = extent_size.align_down(first.offset());
+    let end = extent_size
+        .align_up(last.range().end())
+        .unwrap_or(u64::MAX)
+        .min(map.size_bytes());
+    ByteRange::from_bounds(start, end)
+}
+
+/// Whether a segment covers its whole extent (the tail extent ends at the volume's end).
+fn covers_extent(map: &ExtentMap, segment: &Segment<'_>) -> bool {
+    let extent_size = map.extent_size();
+    let start = extent_size.align_down(segment.offset());
+    let end = start
+        .saturating_add(extent_size.get())
+        .min(map.size_bytes());
+    segment.offset() == start && segment.range().end() == end
+}
+
+/// The error of a piece none of whose healthy replicas served it.
+fn all_failed(range: ByteRange, mut failed: Vec<(AreaId, io::Error)>) -> EngineError {
+    if failed.len() == 1
+        && let Some((area, source)) = failed.pop()
+    {
+        return EngineError::Io { area, source };
+    }
+    EngineError::AllReplicasFailed {
+        range,
+        tried: failed.into_iter().map(|(area, _)| area).collect(),
+    }
+}
+
+fn first_error(results: Vec<Result<(), EngineError>>) -> Result<(), EngineError> {
+    results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
+}
