@@ -1,6 +1,7 @@
 //! Local backend: thread pool against io_uring (data-path issue part 2).
 //!
-//! `cargo bench -p tessera-csi --bench local_backend [-- --seconds N --size-mib M --dir D]`
+//! `cargo bench -p tessera-csi --bench local_backend [-- --seconds N --size-mib M --dir D
+//! --uring-first]`
 //!
 //! For each driver and each workload, `depth` tasks issue requests back to back on one area file
 //! for a fixed time; prints IOPS and MiB/s as a Markdown table. The file is filled first, so
@@ -36,10 +37,11 @@ struct Args {
     size_mib: u64,
     dir: Option<String>,
     full: bool,
+    uring_first: bool,
 }
 
 fn args() -> Args {
-    let mut out = Args { seconds: 3.0, size_mib: 1024, dir: None, full: false };
+    let mut out = Args { seconds: 3.0, size_mib: 1024, dir: None, full: false, uring_first: false };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
@@ -47,6 +49,7 @@ fn args() -> Args {
             "--seconds" => out.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(out.seconds),
             "--size-mib" => out.size_mib = it.next().and_then(|v| v.parse().ok()).unwrap_or(out.size_mib),
             "--dir" => out.dir = it.next(),
+            "--uring-first" => out.uring_first = true,
             _ => {}
         }
     }
@@ -131,7 +134,11 @@ fn main() -> std::io::Result<()> {
     println!();
     println!("| driver | workload | depth | IOPS | MiB/s |");
     println!("|---|---|---|---|---|");
-    for (label, driver) in [("thread pool", IoDriver::ThreadPool), ("io_uring", IoDriver::IoUring)] {
+    let mut drivers = [("thread pool", IoDriver::ThreadPool), ("io_uring", IoDriver::IoUring)];
+    if args.uring_first {
+        drivers.reverse();
+    }
+    for (label, driver) in drivers {
         let options = LocalAreaOptions { driver, direct: DirectIo::Auto, size_bytes: None };
         let area = match LocalArea::open("bench", &path, &options) {
             Ok(area) => Arc::new(area),

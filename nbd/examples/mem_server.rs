@@ -24,13 +24,19 @@ async fn main() -> std::io::Result<()> {
             "--tcp" => tcp = args.next(),
             "--size-mib" => size_mib = args.next().and_then(|s| s.parse().ok()).unwrap_or(64),
             other => {
-                eprintln!("unknown argument {other}; usage: [--unix PATH] [--tcp ADDR] [--size-mib N]");
+                eprintln!(
+                    "unknown argument {other}; usage: [--unix PATH] [--tcp ADDR] [--size-mib N]"
+                );
                 std::process::exit(2);
             }
         }
     }
     let catalog = Arc::new(SimpleCatalog::new());
-    catalog.insert_with_description("vol", Arc::new(MemExport::new(size_mib << 20)), "in-memory test volume");
+    catalog.insert_with_description(
+        "vol",
+        Arc::new(MemExport::new(size_mib << 20)),
+        "in-memory test volume",
+    );
     let server = Server::new(catalog, Arc::new(AllowAll));
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();

@@ -217,7 +217,11 @@ where
     Ok(no_zeroes)
 }
 
-async fn authenticate<S>(io: &mut S, rbuf: &mut BytesMut, creds: &Credentials) -> Result<(), ClientError>
+async fn authenticate<S>(
+    io: &mut S,
+    rbuf: &mut BytesMut,
+    creds: &Credentials,
+) -> Result<(), ClientError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -271,7 +275,9 @@ where
             return Err(ProtoError::Malformed("option reply for a different option").into());
         }
         match frame.reply {
-            OptionReply::Info(InfoReply::Export { size, flags }) => export_info = Some((size, flags)),
+            OptionReply::Info(InfoReply::Export { size, flags }) => {
+                export_info = Some((size, flags))
+            }
             OptionReply::Info(InfoReply::BlockSize {
                 min,
                 preferred,
@@ -290,7 +296,10 @@ where
             OptionReply::Info(_) => {}
             OptionReply::Ack => {
                 let Some((size, flags)) = export_info else {
-                    return Err(ProtoError::Malformed("NBD_OPT_GO succeeded without NBD_INFO_EXPORT").into());
+                    return Err(ProtoError::Malformed(
+                        "NBD_OPT_GO succeeded without NBD_INFO_EXPORT",
+                    )
+                    .into());
                 };
                 return Ok(ExportDetails {
                     name: export.to_owned(),
@@ -305,7 +314,8 @@ where
             } => {
                 // Old server without GO (spec: clients "SHOULD fall back to NBD_OPT_EXPORT_NAME").
                 send_option(io, &OptionRequest::ExportName(export.to_owned())).await?;
-                let (size, flags) = read_parsed(io, rbuf, |b| Ok(parse_export_name_reply(b, no_zeroes))).await?;
+                let (size, flags) =
+                    read_parsed(io, rbuf, |b| Ok(parse_export_name_reply(b, no_zeroes))).await?;
                 return Ok(ExportDetails {
                     name: export.to_owned(),
                     size,
@@ -353,7 +363,9 @@ where
     let result = loop {
         let frame = read_parsed(&mut stream, &mut rbuf, parse_option_reply).await?;
         match frame.reply {
-            OptionReply::Server { name, description } => out.push(ExportListing { name, description }),
+            OptionReply::Server { name, description } => {
+                out.push(ExportListing { name, description })
+            }
             OptionReply::Ack => break Ok(out),
             OptionReply::Error {
                 reply_type,
@@ -421,10 +433,16 @@ impl Shared {
             std::mem::take(&mut p.map)
         };
         if !drained.is_empty() {
-            debug!(reason, requests = drained.len(), "failing in-flight NBD requests");
+            debug!(
+                reason,
+                requests = drained.len(),
+                "failing in-flight NBD requests"
+            );
         }
         for (_, pending) in drained {
-            let _ = pending.tx.send(Err(ClientError::Disconnected(reason.to_owned())));
+            let _ = pending
+                .tx
+                .send(Err(ClientError::Disconnected(reason.to_owned())));
         }
         self.sem.close();
         self.dead.cancel();
@@ -590,10 +608,14 @@ impl NbdClient {
         }
         match offset.checked_add(len.into()) {
             Some(end) if end <= self.details.size => {}
-            _ => return Err(ClientError::InvalidRequest("range beyond the end of the export")),
+            _ => {
+                return Err(ClientError::InvalidRequest(
+                    "range beyond the end of the export",
+                ));
+            }
         }
         let min = u64::from(self.details.block_size.min);
-        if offset % min != 0 || u64::from(len) % min != 0 {
+        if !offset.is_multiple_of(min) || !u64::from(len).is_multiple_of(min) {
             return Err(ClientError::InvalidRequest(
                 "not aligned to the minimum block size",
             ));
@@ -605,7 +627,9 @@ impl NbdClient {
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, ClientError> {
         self.check(offset, len, false)?;
         if len > self.details.block_size.max {
-            return Err(ClientError::InvalidRequest("longer than the maximum block size"));
+            return Err(ClientError::InvalidRequest(
+                "longer than the maximum block size",
+            ));
         }
         if len == 0 {
             return Ok(Bytes::new());
@@ -621,13 +645,16 @@ impl NbdClient {
             .map_err(|_| ClientError::InvalidRequest("longer than the maximum block size"))?;
         self.check(offset, len, true)?;
         if len > self.details.block_size.max {
-            return Err(ClientError::InvalidRequest("longer than the maximum block size"));
+            return Err(ClientError::InvalidRequest(
+                "longer than the maximum block size",
+            ));
         }
         if len == 0 {
             return Ok(());
         }
         let (flags, emulate) = self.fua_flags(fua);
-        self.submit(Command::Write, flags, offset, len, Some(data)).await?;
+        self.submit(Command::Write, flags, offset, len, Some(data))
+            .await?;
         if emulate {
             self.flush().await?;
         }
@@ -669,7 +696,9 @@ impl NbdClient {
     ) -> Result<(), ClientError> {
         self.check(offset, len, true)?;
         if !self.details.can_write_zeroes() {
-            return Err(ClientError::InvalidRequest("server does not support WRITE_ZEROES"));
+            return Err(ClientError::InvalidRequest(
+                "server does not support WRITE_ZEROES",
+            ));
         }
         if len == 0 {
             return Ok(());
@@ -678,7 +707,8 @@ impl NbdClient {
         if !may_trim {
             flags |= NBD_CMD_FLAG_NO_HOLE;
         }
-        self.submit(Command::WriteZeroes, flags, offset, len, None).await?;
+        self.submit(Command::WriteZeroes, flags, offset, len, None)
+            .await?;
         if emulate {
             self.flush().await?;
         }
@@ -745,7 +775,13 @@ impl NbdClient {
             Some(limit) => match tokio::time::timeout(limit, rx).await {
                 Ok(r) => r,
                 Err(_) => {
-                    warn!(handle, ?command, offset, len, "NBD request timed out; dropping the connection");
+                    warn!(
+                        handle,
+                        ?command,
+                        offset,
+                        len,
+                        "NBD request timed out; dropping the connection"
+                    );
                     shared.fail("a request timed out");
                     return Err(ClientError::Timeout);
                 }
@@ -1058,9 +1094,18 @@ impl ClientPool {
         if let Some((at, reason)) = last_failure.as_ref()
             && at.elapsed() < self.pool_config.reconnect_backoff
         {
-            return Err(ClientError::Disconnected(format!("reconnect failed recently: {reason}")));
+            return Err(ClientError::Disconnected(format!(
+                "reconnect failed recently: {reason}"
+            )));
         }
-        match connect_target(&self.target, &self.export, self.credentials.as_ref(), &self.client_config).await {
+        match connect_target(
+            &self.target,
+            &self.export,
+            self.credentials.as_ref(),
+            &self.client_config,
+        )
+        .await
+        {
             Ok(c) => {
                 *last_failure = None;
                 let c = Arc::new(c);
@@ -1110,7 +1155,8 @@ impl ClientPool {
     }
 
     pub async fn trim(&self, offset: u64, len: u32, fua: bool) -> Result<(), ClientError> {
-        self.run(|c| async move { c.trim(offset, len, fua).await }).await
+        self.run(|c| async move { c.trim(offset, len, fua).await })
+            .await
     }
 
     pub async fn write_zeroes(
@@ -1142,7 +1188,11 @@ async fn connect_target(
     config: &ClientConfig,
 ) -> Result<NbdClient, ClientError> {
     match target {
-        Target::Tcp(addr) => NbdClient::connect_tcp_with(addr.as_str(), export, credentials, config.clone()).await,
-        Target::Unix(path) => NbdClient::connect_unix_with(path, export, credentials, config.clone()).await,
+        Target::Tcp(addr) => {
+            NbdClient::connect_tcp_with(addr.as_str(), export, credentials, config.clone()).await
+        }
+        Target::Unix(path) => {
+            NbdClient::connect_unix_with(path, export, credentials, config.clone()).await
+        }
     }
 }

@@ -140,7 +140,7 @@ impl BlockSize {
             && self.preferred.is_power_of_two()
             && self.preferred >= self.min.max(512)
             && self.max >= self.min
-            && (self.max == u32::MAX || self.max % self.min == 0)
+            && (self.max == u32::MAX || self.max.is_multiple_of(self.min))
     }
 }
 
@@ -177,7 +177,11 @@ pub trait Export: Send + Sync + 'static {
         BlockSize::DEFAULT
     }
 
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, ExportError>> + Send;
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, ExportError>> + Send;
 
     fn write(
         &self,
@@ -235,8 +239,12 @@ pub trait DynExport: Send + Sync + 'static {
     fn dyn_capabilities(&self) -> Capabilities;
     fn dyn_block_size(&self) -> BlockSize;
     fn dyn_read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, ExportError>>;
-    fn dyn_write(&self, offset: u64, data: Bytes, fua: bool)
-    -> BoxFuture<'_, Result<(), ExportError>>;
+    fn dyn_write(
+        &self,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), ExportError>>;
     fn dyn_flush(&self) -> BoxFuture<'_, Result<(), ExportError>>;
     fn dyn_trim(&self, offset: u64, len: u32, fua: bool) -> BoxFuture<'_, Result<(), ExportError>>;
     fn dyn_write_zeroes(
@@ -296,7 +304,11 @@ impl Export for dyn DynExport {
     fn block_size(&self) -> BlockSize {
         self.dyn_block_size()
     }
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, ExportError>> + Send {
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, ExportError>> + Send {
         self.dyn_read(offset, len)
     }
     fn write(
@@ -530,7 +542,11 @@ impl<E: Export> Export for Arc<E> {
     fn block_size(&self) -> BlockSize {
         (**self).block_size()
     }
-    fn read(&self, offset: u64, len: u32) -> impl Future<Output = Result<Bytes, ExportError>> + Send {
+    fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<Bytes, ExportError>> + Send {
         (**self).read(offset, len)
     }
     fn write(
@@ -572,11 +588,7 @@ mod tests {
         fn size(&self) -> u64 {
             self.0.size()
         }
-        fn read(
-            &self,
-            o: u64,
-            l: u32,
-        ) -> impl Future<Output = Result<Bytes, ExportError>> + Send {
+        fn read(&self, o: u64, l: u32) -> impl Future<Output = Result<Bytes, ExportError>> + Send {
             self.0.read(o, l)
         }
         fn write(

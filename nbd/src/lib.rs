@@ -18,9 +18,8 @@ pub mod proto;
 pub mod server;
 
 pub use auth::{
-    Access, AccessKind, AllowAll, Authenticator, ExportCatalog, ExportListing, OpenError,
-    PeerAddr, PeerInfo, Permission, Principal, RangeAuthorization, SimpleCatalog,
-    TokenAuthenticator,
+    Access, AccessKind, AllowAll, Authenticator, ExportCatalog, ExportListing, OpenError, PeerAddr,
+    PeerInfo, Permission, Principal, RangeAuthorization, SimpleCatalog, TokenAuthenticator,
 };
 pub use client::{
     ClientConfig, ClientError, ClientPool, Credentials, ExportDetails, NbdClient, PoolConfig,

@@ -21,7 +21,7 @@ pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: second greeting word of newstyle negotiation, and the prefix of every option.
 pub const NBD_IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Second greeting word of the (unsupported) oldstyle negotiation.
-pub const NBD_CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const NBD_CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Prefix of every option reply.
 pub const NBD_REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Prefix of every transmission request.
@@ -599,9 +599,9 @@ fn decode_info_request(data: &[u8]) -> Result<InfoRequest, OptionDataError> {
         .bytes(name_len as usize)
         .ok_or(OptionDataError::invalid("name exceeds option data"))?;
     let name = string(name)?;
-    let count = rd
-        .u16()
-        .ok_or(OptionDataError::invalid("missing information request count"))?;
+    let count = rd.u16().ok_or(OptionDataError::invalid(
+        "missing information request count",
+    ))?;
     // The count is attacker-controlled: check it against the bytes actually present before
     // allocating anything for it.
     if rd.0.len() != count as usize * 2 {
@@ -624,24 +624,41 @@ fn decode_info_request(data: &[u8]) -> Result<InfoRequest, OptionDataError> {
 /// An `NBD_REP_INFO` payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InfoReply {
-    Export { size: u64, flags: u16 },
+    Export {
+        size: u64,
+        flags: u16,
+    },
     Name(String),
     Description(String),
-    BlockSize { min: u32, preferred: u32, max: u32 },
+    BlockSize {
+        min: u32,
+        preferred: u32,
+        max: u32,
+    },
     /// An information type this implementation does not know (clients MUST ignore it).
-    Unknown { info_type: u16 },
+    Unknown {
+        info_type: u16,
+    },
 }
 
 /// A decoded option reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OptionReply {
     Ack,
-    Server { name: String, description: String },
+    Server {
+        name: String,
+        description: String,
+    },
     Info(InfoReply),
     /// An error reply: the `NBD_REP_ERR_*` type and the optional human-readable message.
-    Error { reply_type: u32, message: String },
+    Error {
+        reply_type: u32,
+        message: String,
+    },
     /// A non-error reply type we do not know.
-    Unknown { reply_type: u32 },
+    Unknown {
+        reply_type: u32,
+    },
 }
 
 /// One framed option reply.
@@ -975,7 +992,10 @@ impl RequestDecoder {
 
     /// Decodes one request from the front of `buf`, consuming it. `Ok(None)` means more input is
     /// needed (and room for it may have been reserved in `buf`).
-    pub fn decode(&self, buf: &mut BytesMut) -> Result<Option<(Request, Option<Bytes>)>, ProtoError> {
+    pub fn decode(
+        &self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<(Request, Option<Bytes>)>, ProtoError> {
         let req = match parse_request_header(buf)? {
             Parse::Incomplete { .. } => return Ok(None),
             Parse::Parsed { value, .. } => value,
@@ -1229,7 +1249,10 @@ mod tests {
                 parse_export_name_reply(&buf[..buf.len() - 1], no_zeroes),
                 Parse::Incomplete { .. }
             ));
-            assert_eq!(parsed(parse_export_name_reply(&buf, no_zeroes)).0, (4096, 7));
+            assert_eq!(
+                parsed(parse_export_name_reply(&buf, no_zeroes)).0,
+                (4096, 7)
+            );
         }
     }
 

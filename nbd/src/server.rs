@@ -33,7 +33,9 @@
 //! `STARTTLS` is refused (`NBD_REP_ERR_UNSUP`): TLS, when added, wraps the transport before the
 //! handshake (see [`crate::auth`]). Meta contexts and extended headers are unknown options.
 
-use crate::auth::{Access, AccessKind, Authenticator, ExportCatalog, OpenError, PeerInfo, Principal};
+use crate::auth::{
+    Access, AccessKind, Authenticator, ExportCatalog, OpenError, PeerInfo, Principal,
+};
 use crate::export::{BlockSize, Capabilities, Export};
 use crate::proto::*;
 use bytes::{Bytes, BytesMut};
@@ -140,13 +142,24 @@ where
     where
         S: AsyncRead + AsyncWrite + Send + Unpin,
     {
-        serve_connection_with(stream, &*self.catalog, &*self.auth, peer, &self.config, shutdown)
-            .await
+        serve_connection_with(
+            stream,
+            &*self.catalog,
+            &*self.auth,
+            peer,
+            &self.config,
+            shutdown,
+        )
+        .await
     }
 
     /// Accepts TCP connections until `shutdown` fires, then waits for open connections to
     /// finish (each gets [`ServerConfig::shutdown_grace`]).
-    pub async fn serve_tcp(&self, listener: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
+    pub async fn serve_tcp(
+        &self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
         let tracker = TaskTracker::new();
         loop {
             tokio::select! {
@@ -175,7 +188,11 @@ where
 
     /// Accepts unix-socket connections until `shutdown` fires (see [`Server::serve_tcp`]). The
     /// peer's credentials (`SO_PEERCRED`) are passed to the authenticator.
-    pub async fn serve_unix(&self, listener: UnixListener, shutdown: CancellationToken) -> io::Result<()> {
+    pub async fn serve_unix(
+        &self,
+        listener: UnixListener,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
         let tracker = TaskTracker::new();
         loop {
             tokio::select! {
@@ -258,7 +275,15 @@ where
     );
     async move {
         let mut rbuf = BytesMut::with_capacity(16 * 1024);
-        let hs = handshake(&mut stream, &mut rbuf, catalog, auth, &peer, config, shutdown);
+        let hs = handshake(
+            &mut stream,
+            &mut rbuf,
+            catalog,
+            auth,
+            &peer,
+            config,
+            shutdown,
+        );
         let session = match tokio::time::timeout(config.handshake_timeout, hs).await {
             Err(_) => return Err(ServerError::HandshakeTimeout),
             Ok(Err(e)) => return Err(e),
@@ -268,7 +293,11 @@ where
         let span = tracing::Span::current();
         span.record("principal", session.principal.as_str());
         span.record("export", session.name.as_str());
-        debug!(size = session.size, flags = session.flags, "entering transmission");
+        debug!(
+            size = session.size,
+            flags = session.flags,
+            "entering transmission"
+        );
 
         let work = transmission(stream, rbuf, session, catalog, config, shutdown);
         tokio::pin!(work);
@@ -633,11 +662,27 @@ impl Drop for Responder {
 enum Op {
     /// Nothing to do (zero-length request): reply success.
     Noop,
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, may_trim: bool, fua: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        may_trim: bool,
+        fua: bool,
+    },
 }
 
 const OK: Errno = Errno(0);
@@ -660,7 +705,11 @@ where
         Command::WriteZeroes => NBD_CMD_FLAG_FUA | NBD_CMD_FLAG_NO_HOLE,
         // Not advertised (CACHE, BLOCK_STATUS need negotiation we do not offer): "SHOULD return
         // NBD_EINVAL if it receives an unknown command".
-        Command::Cache | Command::BlockStatus | Command::Resize | Command::Unknown(_) | Command::Disc => {
+        Command::Cache
+        | Command::BlockStatus
+        | Command::Resize
+        | Command::Unknown(_)
+        | Command::Disc => {
             return Err(Errno::EINVAL);
         }
     };
@@ -702,10 +751,16 @@ where
         // "SHOULD return NBD_ENOSPC if it receives a write request including one or more sectors
         // beyond the size of the device ... NBD_EINVAL if it receives a read or trim request"
         // (spec §"Error values"; likewise ENOSPC for WRITE_ZEROES).
-        _ => return Err(if is_write_data { Errno::ENOSPC } else { Errno::EINVAL }),
+        _ => {
+            return Err(if is_write_data {
+                Errno::ENOSPC
+            } else {
+                Errno::EINVAL
+            });
+        }
     }
     let min = u64::from(session.block.min);
-    if req.offset % min != 0 || u64::from(req.len) % min != 0 {
+    if !req.offset.is_multiple_of(min) || !u64::from(req.len).is_multiple_of(min) {
         return Err(Errno::EINVAL);
     }
     // READ and WRITE are bounded by the advertised maximum; TRIM and WRITE_ZEROES carry no
@@ -762,7 +817,9 @@ async fn execute<E: Export + ?Sized>(op: Op, export: Arc<E>, responder: Responde
             }
             Err(e) => (e.errno(false), None),
         },
-        Op::Write { offset, data, fua } => (status(export.write(offset, data, fua).await, true), None),
+        Op::Write { offset, data, fua } => {
+            (status(export.write(offset, data, fua).await, true), None)
+        }
         Op::Flush => (status(export.flush().await, false), None),
         Op::Trim { offset, len, fua } => (status(export.trim(offset, len, fua).await, false), None),
         Op::WriteZeroes {
@@ -815,7 +872,9 @@ where
 {
     let (mut rd, wr) = tokio::io::split(stream);
     let stop = shutdown.child_token();
-    let max_in_flight = config.max_in_flight.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let max_in_flight = config
+        .max_in_flight
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let byte_budget = config
         .max_in_flight_bytes
         .max(MAX_PAYLOAD as usize)
@@ -926,7 +985,12 @@ where
     }
     match written {
         // The client may legitimately have closed before reading every reply.
-        Err(e) if !matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
+        Err(e)
+            if !matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) =>
+        {
             Err(e.into())
         }
         _ => Ok(()),

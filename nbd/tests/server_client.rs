@@ -44,18 +44,32 @@ async fn round_trip_every_command() {
 
     // The largest request the server advertises works.
     let big = pattern(2, 32 << 20);
-    let c2 = duplex_client(&allow_all_server(64 * MIB).1, "vol", None).await.unwrap();
+    let c2 = duplex_client(&allow_all_server(64 * MIB).1, "vol", None)
+        .await
+        .unwrap();
     c2.write(0, big.clone(), false).await.unwrap();
     assert_eq!(c2.read(0, 32 << 20).await.unwrap(), big);
 
     // Client-side validation: nothing is sent for requests the export forbids.
-    assert!(matches!(c.read(8 * MIB, 512).await, Err(ClientError::InvalidRequest(_))));
-    assert!(matches!(c.read(1, 512).await, Err(ClientError::InvalidRequest(_))));
-    assert!(matches!(c.read(0, (32 << 20) + 512).await, Err(ClientError::InvalidRequest(_))));
+    assert!(matches!(
+        c.read(8 * MIB, 512).await,
+        Err(ClientError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        c.read(1, 512).await,
+        Err(ClientError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        c.read(0, (32 << 20) + 512).await,
+        Err(ClientError::InvalidRequest(_))
+    ));
     assert_eq!(c.read(0, 0).await.unwrap().len(), 0);
     c.disconnect().await;
     assert!(c.is_closed());
-    assert!(matches!(c.read(0, 512).await, Err(ClientError::Disconnected(_))));
+    assert!(matches!(
+        c.read(0, 512).await,
+        Err(ClientError::Disconnected(_))
+    ));
 }
 
 #[tokio::test]
@@ -122,7 +136,12 @@ impl Export for SlowFirstBlock {
         self.concurrent.fetch_sub(1, Ordering::SeqCst);
         self.inner.read(offset, len).await
     }
-    fn write(&self, o: u64, d: Bytes, f: bool) -> impl Future<Output = Result<(), ExportError>> + Send {
+    fn write(
+        &self,
+        o: u64,
+        d: Bytes,
+        f: bool,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send {
         self.inner.write(o, d, f)
     }
     fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send {
@@ -153,7 +172,11 @@ async fn replies_are_sent_out_of_order_as_requests_complete() {
         raw.data(512).await;
         order.push(r.handle);
     }
-    assert_eq!(*order.last().unwrap(), 1, "slow request should complete last: {order:?}");
+    assert_eq!(
+        *order.last().unwrap(),
+        1,
+        "slow request should complete last: {order:?}"
+    );
     assert!(export.max_concurrent.load(Ordering::SeqCst) >= 5);
 }
 
@@ -184,21 +207,39 @@ async fn unauthenticated_client_sees_nothing_and_cannot_go() {
     table.grant("node-a", "vol", 0..MIB, Permission::ReadWrite);
 
     // No credentials: LIST and GO are refused by policy.
-    let err = client::list_exports(serve_duplex(&server), None).await.unwrap_err();
+    let err = client::list_exports(serve_duplex(&server), None)
+        .await
+        .unwrap_err();
     assert!(
-        matches!(err, ClientError::Refused { reply: NBD_REP_ERR_POLICY, .. }),
+        matches!(
+            err,
+            ClientError::Refused {
+                reply: NBD_REP_ERR_POLICY,
+                ..
+            }
+        ),
         "{err:?}"
     );
     let err = duplex_client(&server, "vol", None).await.unwrap_err();
     assert!(
-        matches!(err, ClientError::Refused { option: NBD_OPT_GO, reply: NBD_REP_ERR_POLICY, .. }),
+        matches!(
+            err,
+            ClientError::Refused {
+                option: NBD_OPT_GO,
+                reply: NBD_REP_ERR_POLICY,
+                ..
+            }
+        ),
         "{err:?}"
     );
 
     // Wrong token.
     let bad = Credentials::new("node-a", b"secret-b".to_vec());
     let err = duplex_client(&server, "vol", Some(&bad)).await.unwrap_err();
-    assert!(matches!(err, ClientError::AuthenticationFailed(_)), "{err:?}");
+    assert!(
+        matches!(err, ClientError::AuthenticationFailed(_)),
+        "{err:?}"
+    );
 
     // Raw peer: every option but ABORT is refused; EXPORT_NAME ends the session.
     let mut raw = RawClient::new(serve_duplex(&server));
@@ -215,10 +256,14 @@ async fn unauthenticated_client_sees_nothing_and_cannot_go() {
         raw.send_option(&opt).await;
         assert_eq!(
             raw.option_replies().await,
-            vec![OptionReply::error(NBD_REP_ERR_POLICY, "authentication required")]
+            vec![OptionReply::error(
+                NBD_REP_ERR_POLICY,
+                "authentication required"
+            )]
         );
     }
-    raw.send_option(&OptionRequest::ExportName("vol".into())).await;
+    raw.send_option(&OptionRequest::ExportName("vol".into()))
+        .await;
     assert!(raw.at_eof().await);
 
     // Three bad tokens and the server hangs up.
@@ -232,7 +277,10 @@ async fn unauthenticated_client_sees_nothing_and_cannot_go() {
         .await;
         assert!(matches!(
             raw.option_reply().await.unwrap().reply,
-            OptionReply::Error { reply_type: NBD_REP_ERR_POLICY, .. }
+            OptionReply::Error {
+                reply_type: NBD_REP_ERR_POLICY,
+                ..
+            }
         ));
     }
     assert!(raw.at_eof().await);
@@ -246,12 +294,31 @@ async fn authenticated_client_lists_and_uses_granted_exports() {
     let a = Credentials::new("node-a", b"secret-a".to_vec());
     let b = Credentials::new("node-b", b"secret-b".to_vec());
 
-    let list = client::list_exports(serve_duplex(&server), Some(&a)).await.unwrap();
-    assert_eq!(list.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), vec!["vol"]);
+    let list = client::list_exports(serve_duplex(&server), Some(&a))
+        .await
+        .unwrap();
+    assert_eq!(
+        list.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(),
+        vec!["vol"]
+    );
     // node-b is authenticated but has no grant: sees nothing, may not open.
-    assert!(client::list_exports(serve_duplex(&server), Some(&b)).await.unwrap().is_empty());
+    assert!(
+        client::list_exports(serve_duplex(&server), Some(&b))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let err = duplex_client(&server, "vol", Some(&b)).await.unwrap_err();
-    assert!(matches!(err, ClientError::Refused { reply: NBD_REP_ERR_POLICY, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                reply: NBD_REP_ERR_POLICY,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let err = duplex_client(&server, "nope", Some(&a)).await.unwrap_err();
     assert!(matches!(err, ClientError::ExportNotFound(_)), "{err:?}");
 
@@ -264,7 +331,10 @@ async fn authenticated_client_lists_and_uses_granted_exports() {
     let writes_before = export.stats().writes;
     let e = c.write(MIB, pattern(6, 4096), false).await.unwrap_err();
     assert!(matches!(e, ClientError::Remote(Errno::EPERM)), "{e:?}");
-    let e = c.write(MIB - 4096, pattern(6, 8192), false).await.unwrap_err();
+    let e = c
+        .write(MIB - 4096, pattern(6, 8192), false)
+        .await
+        .unwrap_err();
     assert!(matches!(e, ClientError::Remote(Errno::EPERM)), "{e:?}");
     let e = c.read(2 * MIB, 4096).await.unwrap_err();
     assert!(matches!(e, ClientError::Remote(Errno::EPERM)), "{e:?}");
@@ -297,7 +367,14 @@ async fn transmission_errors_follow_the_spec() {
     let cases: Vec<(Command, u16, u64, u32, Vec<u8>, Errno)> = vec![
         // Writes beyond the end: ENOSPC; reads and trims: EINVAL (spec §"Error values").
         (Command::Write, 0, MIB, 512, vec![0; 512], Errno::ENOSPC),
-        (Command::WriteZeroes, 0, MIB - 512, 1024, vec![], Errno::ENOSPC),
+        (
+            Command::WriteZeroes,
+            0,
+            MIB - 512,
+            1024,
+            vec![],
+            Errno::ENOSPC,
+        ),
         (Command::Read, 0, MIB, 512, vec![], Errno::EINVAL),
         (Command::Trim, 0, u64::MAX - 100, 512, vec![], Errno::EINVAL),
         // Misaligned to the advertised 512-byte minimum.
@@ -307,23 +384,44 @@ async fn transmission_errors_follow_the_spec() {
         (Command::Unknown(77), 0, 0, 0, vec![], Errno::EINVAL),
         (Command::BlockStatus, 0, 0, 512, vec![], Errno::EINVAL),
         (Command::Cache, 0, 0, 512, vec![], Errno::EINVAL),
-        (Command::Read, NBD_CMD_FLAG_DF, 0, 512, vec![], Errno::EINVAL),
-        (Command::WriteZeroes, NBD_CMD_FLAG_FAST_ZERO, 0, 512, vec![], Errno::EINVAL),
+        (
+            Command::Read,
+            NBD_CMD_FLAG_DF,
+            0,
+            512,
+            vec![],
+            Errno::EINVAL,
+        ),
+        (
+            Command::WriteZeroes,
+            NBD_CMD_FLAG_FAST_ZERO,
+            0,
+            512,
+            vec![],
+            Errno::EINVAL,
+        ),
         (Command::Write, 1 << 9, 0, 512, vec![0; 512], Errno::EINVAL),
     ];
     for (i, (cmd, fl, off, len, payload, want)) in cases.into_iter().enumerate() {
-        raw.request(cmd, fl, 100 + i as u64, off, len, &payload).await;
+        raw.request(cmd, fl, 100 + i as u64, off, len, &payload)
+            .await;
         let r = raw.reply().await.unwrap();
-        assert_eq!((r.handle, Errno(r.error)), (100 + i as u64, want), "case {i}: {cmd:?}");
+        assert_eq!(
+            (r.handle, Errno(r.error)),
+            (100 + i as u64, want),
+            "case {i}: {cmd:?}"
+        );
     }
     // FUA on a read is accepted (spec: "valid for all commands"); zero-length requests succeed.
-    raw.request(Command::Read, NBD_CMD_FLAG_FUA, 1, 0, 512, &[]).await;
+    raw.request(Command::Read, NBD_CMD_FLAG_FUA, 1, 0, 512, &[])
+        .await;
     assert_eq!(raw.reply().await.unwrap().error, 0);
     raw.data(512).await;
     raw.request(Command::Write, 0, 2, 0, 0, &[]).await;
     assert_eq!(raw.reply().await.unwrap().error, 0);
     // The session survived every error.
-    raw.request(Command::Write, NBD_CMD_FLAG_FUA, 3, 512, 512, &[7; 512]).await;
+    raw.request(Command::Write, NBD_CMD_FLAG_FUA, 3, 512, 512, &[7; 512])
+        .await;
     assert_eq!(raw.reply().await.unwrap().error, 0);
     assert_eq!(export.slice(512, 512), vec![7; 512]);
 
@@ -361,7 +459,10 @@ async fn read_only_exports_refuse_writes_with_eperm() {
     raw.request(Command::Trim, 0, 2, 0, 512, &[]).await;
     assert_eq!(Errno(raw.reply().await.unwrap().error), Errno::EPERM);
     let c = duplex_client(&server, "ro", None).await.unwrap();
-    assert!(matches!(c.write(0, pattern(1, 512), false).await, Err(ClientError::InvalidRequest(_))));
+    assert!(matches!(
+        c.write(0, pattern(1, 512), false).await,
+        Err(ClientError::InvalidRequest(_))
+    ));
     assert_eq!(c.read(0, 512).await.unwrap().len(), 512);
 }
 
@@ -375,17 +476,27 @@ async fn negotiation_options() {
     raw.send_option(&OptionRequest::StructuredReply).await;
     assert!(matches!(
         raw.option_replies().await[..],
-        [OptionReply::Error { reply_type: NBD_REP_ERR_UNSUP, .. }]
+        [OptionReply::Error {
+            reply_type: NBD_REP_ERR_UNSUP,
+            ..
+        }]
     ));
-    raw.send_option(&OptionRequest::Unsupported(NBD_OPT_EXTENDED_HEADERS)).await;
+    raw.send_option(&OptionRequest::Unsupported(NBD_OPT_EXTENDED_HEADERS))
+        .await;
     assert!(matches!(
         raw.option_replies().await[..],
-        [OptionReply::Error { reply_type: NBD_REP_ERR_UNSUP, .. }]
+        [OptionReply::Error {
+            reply_type: NBD_REP_ERR_UNSUP,
+            ..
+        }]
     ));
     raw.send_option(&OptionRequest::StartTls).await;
     assert!(matches!(
         raw.option_replies().await[..],
-        [OptionReply::Error { reply_type: NBD_REP_ERR_UNSUP, .. }]
+        [OptionReply::Error {
+            reply_type: NBD_REP_ERR_UNSUP,
+            ..
+        }]
     ));
     // LIST with data is invalid; the session continues.
     let mut b = bytes::BytesMut::new();
@@ -393,7 +504,10 @@ async fn negotiation_options() {
     raw.send_raw(&b).await;
     assert!(matches!(
         raw.option_replies().await[..],
-        [OptionReply::Error { reply_type: NBD_REP_ERR_INVALID, .. }]
+        [OptionReply::Error {
+            reply_type: NBD_REP_ERR_INVALID,
+            ..
+        }]
     ));
     raw.send_option(&OptionRequest::List).await;
     assert_eq!(
@@ -413,11 +527,19 @@ async fn negotiation_options() {
     .await;
     assert!(matches!(
         raw.option_replies().await[..],
-        [OptionReply::Error { reply_type: NBD_REP_ERR_UNKNOWN, .. }]
+        [OptionReply::Error {
+            reply_type: NBD_REP_ERR_UNKNOWN,
+            ..
+        }]
     ));
     raw.send_option(&OptionRequest::Info(InfoRequest {
         name: "vol".into(),
-        info_types: vec![NBD_INFO_NAME, NBD_INFO_DESCRIPTION, NBD_INFO_BLOCK_SIZE, 999],
+        info_types: vec![
+            NBD_INFO_NAME,
+            NBD_INFO_DESCRIPTION,
+            NBD_INFO_BLOCK_SIZE,
+            999,
+        ],
     }))
     .await;
     let replies = raw.option_replies().await;
@@ -431,7 +553,9 @@ async fn negotiation_options() {
             | NBD_FLAG_CAN_MULTI_CONN
     })));
     assert!(replies.contains(&OptionReply::Info(InfoReply::Name("vol".into()))));
-    assert!(replies.contains(&OptionReply::Info(InfoReply::Description("test volume".into()))));
+    assert!(replies.contains(&OptionReply::Info(InfoReply::Description(
+        "test volume".into()
+    ))));
     assert!(replies.contains(&OptionReply::Info(InfoReply::BlockSize {
         min: 512,
         preferred: 4096,
@@ -450,7 +574,8 @@ async fn export_name_with_and_without_zeroes() {
         let mut raw = RawClient::new(serve_duplex(&server));
         let flags = NBD_FLAG_C_FIXED_NEWSTYLE | if no_zeroes { NBD_FLAG_C_NO_ZEROES } else { 0 };
         raw.greet(flags).await;
-        raw.send_option(&OptionRequest::ExportName("vol".into())).await;
+        raw.send_option(&OptionRequest::ExportName("vol".into()))
+            .await;
         let want = if no_zeroes { 10 } else { 134 };
         let reply = raw.data(want).await;
         assert!(matches!(
@@ -467,7 +592,8 @@ async fn export_name_with_and_without_zeroes() {
     // Unknown export via EXPORT_NAME: hard disconnect (no way to send an error).
     let mut raw = RawClient::new(serve_duplex(&server));
     raw.greet(NBD_FLAG_C_FIXED_NEWSTYLE).await;
-    raw.send_option(&OptionRequest::ExportName("nope".into())).await;
+    raw.send_option(&OptionRequest::ExportName("nope".into()))
+        .await;
     assert!(raw.at_eof().await);
 }
 
@@ -477,7 +603,8 @@ async fn disc_completes_outstanding_requests_first() {
     let mut raw = RawClient::new(serve_duplex(&server));
     raw.go("vol").await;
     for h in 0..20u64 {
-        raw.request(Command::Write, 0, h, h * 4096, 4096, &[h as u8; 4096]).await;
+        raw.request(Command::Write, 0, h, h * 4096, 4096, &[h as u8; 4096])
+            .await;
     }
     raw.request(Command::Disc, 0, 99, 0, 0, &[]).await;
     let mut seen = Vec::new();
@@ -504,7 +631,12 @@ impl Export for Stuck {
     async fn read(&self, _o: u64, _l: u32) -> Result<Bytes, ExportError> {
         std::future::pending().await
     }
-    fn write(&self, o: u64, d: Bytes, f: bool) -> impl Future<Output = Result<(), ExportError>> + Send {
+    fn write(
+        &self,
+        o: u64,
+        d: Bytes,
+        f: bool,
+    ) -> impl Future<Output = Result<(), ExportError>> + Send {
         self.0.write(o, d, f)
     }
     fn flush(&self) -> impl Future<Output = Result<(), ExportError>> + Send {
@@ -524,9 +656,14 @@ async fn dead_connection_fails_in_flight_requests_instead_of_hanging() {
     let (client_end, server_end) = tokio::io::duplex(1 << 16);
     let s = server.clone();
     let task = tokio::spawn(async move {
-        s.serve_connection(server_end, PeerInfo::other("t"), &CancellationToken::new()).await
+        s.serve_connection(server_end, PeerInfo::other("t"), &CancellationToken::new())
+            .await
     });
-    let c = Arc::new(NbdClient::from_stream(client_end, "vol", None, ClientConfig::default()).await.unwrap());
+    let c = Arc::new(
+        NbdClient::from_stream(client_end, "vol", None, ClientConfig::default())
+            .await
+            .unwrap(),
+    );
     let reads: Vec<_> = (0..5)
         .map(|i| {
             let c = c.clone();
@@ -537,11 +674,17 @@ async fn dead_connection_fails_in_flight_requests_instead_of_hanging() {
     assert_eq!(c.in_flight(), 5);
     task.abort(); // the server vanishes
     for r in reads {
-        let r = tokio::time::timeout(Duration::from_secs(5), r).await.expect("hung").unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(5), r)
+            .await
+            .expect("hung")
+            .unwrap();
         assert!(matches!(r, Err(ClientError::Disconnected(_))), "{r:?}");
     }
     assert!(c.is_closed());
-    assert!(matches!(c.write(0, pattern(1, 512), false).await, Err(ClientError::Disconnected(_))));
+    assert!(matches!(
+        c.write(0, pattern(1, 512), false).await,
+        Err(ClientError::Disconnected(_))
+    ));
 }
 
 #[tokio::test]
@@ -551,7 +694,11 @@ async fn request_timeout_fails_the_connection() {
         request_timeout: Some(Duration::from_millis(200)),
         ..ClientConfig::default()
     };
-    let c = Arc::new(NbdClient::from_stream(serve_duplex(&server), "vol", None, cfg).await.unwrap());
+    let c = Arc::new(
+        NbdClient::from_stream(serve_duplex(&server), "vol", None, cfg)
+            .await
+            .unwrap(),
+    );
     let other = {
         let c = c.clone();
         tokio::spawn(async move { c.read(4096, 512).await })
@@ -559,7 +706,10 @@ async fn request_timeout_fails_the_connection() {
     let r = c.read(0, 512).await;
     assert!(matches!(r, Err(ClientError::Timeout)), "{r:?}");
     let r = other.await.unwrap();
-    assert!(matches!(r, Err(ClientError::Timeout | ClientError::Disconnected(_))), "{r:?}");
+    assert!(
+        matches!(r, Err(ClientError::Timeout | ClientError::Disconnected(_))),
+        "{r:?}"
+    );
     assert!(c.is_closed());
 }
 
@@ -570,7 +720,10 @@ async fn eshutdown_makes_the_client_disconnect() {
     let c = duplex_client(&server, "vol", None).await.unwrap();
     export.set_fault(Some(ExportError::ShuttingDown));
     let r = c.read(0, 512).await;
-    assert!(matches!(r, Err(ClientError::Remote(Errno::ESHUTDOWN))), "{r:?}");
+    assert!(
+        matches!(r, Err(ClientError::Remote(Errno::ESHUTDOWN))),
+        "{r:?}"
+    );
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(c.is_closed());
 }
@@ -600,15 +753,26 @@ async fn unix_socket_and_tcp_listeners_with_graceful_shutdown() {
     let u = NbdClient::connect_unix(&path, "vol").await.unwrap();
     let t = NbdClient::connect_tcp(addr, "vol", None).await.unwrap();
     u.write(0, pattern(10, MIB as usize), false).await.unwrap();
-    assert_eq!(t.read(0, MIB as u32).await.unwrap(), pattern(10, MIB as usize));
+    assert_eq!(
+        t.read(0, MIB as u32).await.unwrap(),
+        pattern(10, MIB as usize)
+    );
     t.write(MIB, pattern(11, 4096), true).await.unwrap();
     assert_eq!(u.read(MIB, 4096).await.unwrap(), pattern(11, 4096));
     assert_eq!(export.stats().fua_writes, 1);
 
     // Shutdown closes idle connections and the listeners return.
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), unix).await.unwrap().unwrap().unwrap();
-    tokio::time::timeout(Duration::from_secs(5), tcp).await.unwrap().unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), unix)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), tcp)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let r = u.read(0, 512).await;
     assert!(r.is_err());
 }
@@ -720,10 +884,23 @@ async fn token_auth_over_tcp() {
         async move { server.serve_tcp(listener, sd).await }
     });
     let err = NbdClient::connect_tcp(addr, "vol", None).await.unwrap_err();
-    assert!(matches!(err, ClientError::Refused { reply: NBD_REP_ERR_POLICY, .. }), "{err:?}");
-    let c = NbdClient::connect_tcp(addr, "vol", Some(Credentials::new("node-a", b"secret-a".to_vec())))
-        .await
-        .unwrap();
+    assert!(
+        matches!(
+            err,
+            ClientError::Refused {
+                reply: NBD_REP_ERR_POLICY,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let c = NbdClient::connect_tcp(
+        addr,
+        "vol",
+        Some(Credentials::new("node-a", b"secret-a".to_vec())),
+    )
+    .await
+    .unwrap();
     c.write(0, pattern(1, 4096), true).await.unwrap();
     c.disconnect().await;
     shutdown.cancel();

@@ -110,8 +110,18 @@ fn main() {
         ..ReclaimRules::default()
     };
     time("LargestFirst, few victims", &volumes, 20_000, &largest);
-    time("LargestFirst, ~all unused + low data", &volumes, unused + 1_000_000, &largest);
+    time(
+        "LargestFirst, ~all unused + low data",
+        &volumes,
+        unused + 1_000_000,
+        &largest,
+    );
     time("LargestFirst, rejected", &volumes, u64::MAX / 4, &largest);
     time("LowerPriorityFirst, few victims", &volumes, 20_000, &lower);
-    time("LowerPriorityFirst, many victims", &volumes, unused / 3, &lower);
+    time(
+        "LowerPriorityFirst, many victims",
+        &volumes,
+        unused / 3,
+        &lower,
+    );
 }

@@ -47,13 +47,8 @@ fn volumes() -> impl Strategy<Value = Vec<VolumeCandidate>> {
 }
 
 fn rules() -> impl Strategy<Value = ReclaimRules> {
-    (
-        any::<bool>(),
-        any::<bool>(),
-        any::<bool>(),
-        any::<bool>(),
-    )
-        .prop_map(|(unused, low, lower_first, inclusive)| ReclaimRules {
+    (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+        |(unused, low, lower_first, inclusive)| ReclaimRules {
             tiers: TierSet {
                 unused,
                 low_priority: low,
@@ -68,7 +63,8 @@ fn rules() -> impl Strategy<Value = ReclaimRules> {
             } else {
                 AdmissionRule::Strict
             },
-        })
+        },
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -388,7 +384,10 @@ fn lower_priority_first_takes_lowest_class_first_and_skips_higher() {
         .map(|r| (r.volume.as_str(), r.extents))
         .collect();
     // Value 1 first (largest of them first), then value 5; never the equal-valued peer.
-    assert_eq!(order, vec![("other-low", 20), ("small-low", 10), ("big-mid", 10)]);
+    assert_eq!(
+        order,
+        vec![("other-low", 20), ("small-low", 10), ("big-mid", 10)]
+    );
     assert_eq!(plan.admission.reclaimable_unused, 130);
 }
 
@@ -418,7 +417,10 @@ fn replicated_victims_free_copies_times_their_extents() {
     .expect("admitted");
     assert_eq!(plan.admission.requested, 8);
     assert_eq!(plan.admission.reclaimable_unused, 20);
-    assert_eq!((plan.returns[0].extents, plan.returns[0].pool_extents), (3, 6));
+    assert_eq!(
+        (plan.returns[0].extents, plan.returns[0].pool_extents),
+        (3, 6)
+    );
     assert_eq!(
         plan_allocation(
             PoolSnapshot {

@@ -10,15 +10,18 @@ use tessera_operator::planners::charging::{
 const GIB: u64 = 1 << 30;
 
 fn rate() -> impl Strategy<Value = String> {
-    (0u64..1_000_000, proptest::option::of(0u32..1_000_000), 1usize..=6).prop_map(
-        |(int, frac, digits)| match frac {
+    (
+        0u64..1_000_000,
+        proptest::option::of(0u32..1_000_000),
+        1usize..=6,
+    )
+        .prop_map(|(int, frac, digits)| match frac {
             None => int.to_string(),
             Some(f) => {
                 let f = f % 10u32.pow(digits as u32);
                 format!("{int}.{f:0digits$}")
             }
-        },
-    )
+        })
 }
 
 fn stored() -> impl Strategy<Value = StoredBytes> {

@@ -46,32 +46,32 @@ fn request() -> impl Strategy<Value = PlacementRequest> {
         proptest::option::of(0usize..2),
         proptest::option::of(0usize..5),
     )
-        .prop_map(|(extents, copies, single, media, preferred)| PlacementRequest {
-            extents,
-            copies,
-            layout: if single {
-                VolumeLayout::Single
-            } else {
-                VolumeLayout::Concatenated
+        .prop_map(
+            |(extents, copies, single, media, preferred)| PlacementRequest {
+                extents,
+                copies,
+                layout: if single {
+                    VolumeLayout::Single
+                } else {
+                    VolumeLayout::Concatenated
+                },
+                media_type: media.map(|m| MEDIA[m].to_owned()),
+                preferred_node: preferred.map(|n| format!("node-{n}")),
             },
-            media_type: media.map(|m| MEDIA[m].to_owned()),
-            preferred_node: preferred.map(|n| format!("node-{n}")),
-        })
+        )
 }
 
 fn rules() -> impl Strategy<Value = PlacementRules> {
-    (
-        proptest::collection::vec(0usize..4, 0..4),
-        any::<bool>(),
-    )
-        .prop_map(|(order, spread)| PlacementRules {
+    (proptest::collection::vec(0usize..4, 0..4), any::<bool>()).prop_map(|(order, spread)| {
+        PlacementRules {
             domain_order: order.into_iter().map(|d| format!("zone-{d}")).collect(),
             strategy: if spread {
                 PlacementStrategy::Spread
             } else {
                 PlacementStrategy::Pack
             },
-        })
+        }
+    })
 }
 
 fn matches_media(a: &AreaCandidate, r: &PlacementRequest) -> bool {

@@ -18,8 +18,7 @@ use tessera_operator::planners::accounting::{
 use tessera_operator::planners::allocation::{
     AdmissionCondition, AllocationError, AllocationPlan, AllocationRequest, AreaReturn,
     PoolSnapshot, ReclaimRules, Rejection, TierSet, VictimClass, VolumeCandidate,
-    is_return_overdue, plan_allocation, recheck_under_hold, replan_excluding,
-    select_return_ranges,
+    is_return_overdue, plan_allocation, recheck_under_hold, replan_excluding, select_return_ranges,
 };
 use tessera_operator::planners::charging::{Amount, Rates, StoredBytes, accrue};
 use tessera_operator::planners::placement::{Piece, Placement, ReplicaPlacement};
@@ -74,7 +73,9 @@ fn comply(pool: &mut PoolLedger, ret: &AreaReturn) -> ReleaseSummary {
     let named = select_return_ranges(states, ret.tier, ret.extents);
     let kept = recheck_under_hold(states, &named, ret.tier);
     assert_eq!(named, kept, "nothing changed between plan and hold");
-    let summary = pool.release(&ret.volume, &kept).expect("ranges are in range");
+    let summary = pool
+        .release(&ret.volume, &kept)
+        .expect("ranges are in range");
     assert_eq!(summary.released, ret.extents);
     assert_eq!(summary.high_priority, 0, "reclaim freed high-priority data");
     summary
@@ -158,7 +159,10 @@ fn seed000_s01_mapping_translates_fig2_rows_and_refuses_beyond_the_table() {
         map.translate(request).map(|mut segments| {
             let segment = segments.next().expect("one segment");
             let location = segment.replica(0).expect("mapped");
-            (location.area.as_str().to_owned(), location.area_offset / 4096)
+            (
+                location.area.as_str().to_owned(),
+                location.area_offset / 4096,
+            )
         })
     };
     let expect = |pool_block, area: &str, physical| {
@@ -251,7 +255,10 @@ fn seed000_s04_charging_adds_high_and_low_rates_unused_free() {
     let result = accrue(accrued, t0, t0 + 3600, 3600, stored, &rates).expect("computes");
     assert_eq!(result.intervals, 1);
     assert_eq!(result.accrued.to_decimal_string(), "1384000.000000");
-    assert_eq!(result.charged, Amount::parse_accrued("90000").expect("valid"));
+    assert_eq!(
+        result.charged,
+        Amount::parse_accrued("90000").expect("valid")
+    );
     // The 50000 unused blocks contribute nothing: the same data in a volume with no unused
     // blocks costs the same.
     let full = VolumeUsage::new(50_000, 50_000, 40_000).expect("consistent");
@@ -274,7 +281,10 @@ fn seed000_s05_direct_allocation_when_unallocated_suffices() {
     );
     pool.create_volume("VAREA02", 50_000, 1).expect("fits");
     assert_eq!(pool.counters().unallocated(), 10_000);
-    assert_eq!(usage_of(&pool, "VAREA01"), (100_000, 50_000, 40_000, 50_000, 10_000));
+    assert_eq!(
+        usage_of(&pool, "VAREA01"),
+        (100_000, 50_000, 40_000, 50_000, 10_000)
+    );
 }
 
 /// Scenario 6 fixture: 200000 blocks, 20000 unallocated, VAREA01 (50000 unused) and VAREA02
@@ -315,10 +325,19 @@ fn seed000_s06_claim_larger_than_free_reclaims_unused_largest_first() {
     let recheck = plan(&pool, 60_000, &strict()).expect("still admitted");
     assert!(recheck.is_direct());
     pool.create_volume("VAREA03", 60_000, 1).expect("fits");
-    assert_eq!(pool.volume("VAREA03").map(|v| v.usage().allocated()), Some(60_000));
+    assert_eq!(
+        pool.volume("VAREA03").map(|v| v.usage().allocated()),
+        Some(60_000)
+    );
     // No data block of VAREA01 was touched.
-    assert_eq!(usage_of(&pool, "VAREA01"), (60_000, 50_000, 40_000, 10_000, 10_000));
-    assert_eq!(usage_of(&pool, "VAREA02"), (80_000, 70_000, 70_000, 10_000, 0));
+    assert_eq!(
+        usage_of(&pool, "VAREA01"),
+        (60_000, 50_000, 40_000, 10_000, 10_000)
+    );
+    assert_eq!(
+        usage_of(&pool, "VAREA02"),
+        (80_000, 70_000, 70_000, 10_000, 0)
+    );
     assert_eq!(pool.counters().unallocated(), 0);
 }
 
@@ -367,7 +386,11 @@ fn seed000_s07_unused_is_exhausted_before_low_priority() {
     );
     assert!(next.returns[0].discards_data());
     comply(&mut pool, &next.returns[0]);
-    assert!(plan(&pool, 55_000, &strict()).expect("admitted").is_direct());
+    assert!(
+        plan(&pool, 55_000, &strict())
+            .expect("admitted")
+            .is_direct()
+    );
     pool.create_volume("VAREA03", 55_000, 1).expect("fits");
     assert_eq!(usage_of(&pool, "VAREA01").2, 40_000, "VAREA01 high intact");
     assert_eq!(usage_of(&pool, "VAREA02"), (25_000, 25_000, 0, 0, 25_000));
@@ -387,7 +410,10 @@ fn seed000_s08_low_priority_reclaim_only_when_everything_is_used() {
     pool.create_volume("VAREA02", 5_000, 1).expect("fits");
     pool.write("VAREA02", range(0, 5_000), DataPriority::Low)
         .expect("allocated");
-    assert_eq!((pool.counters().unallocated(), pool.counters().unused()), (0, 0));
+    assert_eq!(
+        (pool.counters().unallocated(), pool.counters().unused()),
+        (0, 0)
+    );
 
     let decision = plan(&pool, 8_000, &strict()).expect("admitted");
     assert_eq!(decision.returns.len(), 1);
@@ -398,7 +424,10 @@ fn seed000_s08_low_priority_reclaim_only_when_everything_is_used() {
     );
     assert!(ret.discards_data(), "LowPriorityDataReclaimed warning");
     comply(&mut pool, ret);
-    assert_eq!(usage_of(&pool, "VAREA01"), (42_000, 42_000, 40_000, 0, 2_000));
+    assert_eq!(
+        usage_of(&pool, "VAREA01"),
+        (42_000, 42_000, 40_000, 0, 2_000)
+    );
 }
 
 /// Scenario 9: rejection when nothing suffices ([0045]–[0046]).
@@ -457,7 +486,11 @@ fn seed000_s10_equality_boundary_follows_admission_rule() {
         plan(&empty, 1_000, &strict()),
         Err(AllocationError::InsufficientCapacity(_))
     ));
-    assert!(plan(&empty, 1_000, &inclusive()).expect("admitted").is_direct());
+    assert!(
+        plan(&empty, 1_000, &inclusive())
+            .expect("admitted")
+            .is_direct()
+    );
 
     // U = N with something reclaimable: Strict admits, and no return is needed.
     let mut spare = PoolLedger::new(2_000);
@@ -498,10 +531,7 @@ fn seed000_s11_voluntary_release_updates_volume_and_pool_from_bitmaps() {
         }
     }
     // The blocks appear in the free list.
-    assert_eq!(
-        summary.freed,
-        vec![range(39_600, 600), range(50_000, 400)]
-    );
+    assert_eq!(summary.freed, vec![range(39_600, 600), range(50_000, 400)]);
 }
 
 /// Scenario 12: return non-compliance. Decision: after `returnTimeoutSeconds` the victim is
@@ -530,9 +560,10 @@ fn seed000_s12_non_compliant_victim_is_skipped_then_next_victim_or_rejection() {
         panic!("unexpected error {err:?}");
     };
     assert_eq!(rejection.skipped_victims, vec!["VAREA01".to_owned()]);
-    assert!(err.to_string().ends_with(
-        "; skipped because they did not give space back in time: VAREA01"
-    ));
+    assert!(
+        err.to_string()
+            .ends_with("; skipped because they did not give space back in time: VAREA01")
+    );
 
     // With another holder the claim moves on to it.
     let mut roomy = PoolLedger::new(250_000);
@@ -594,9 +625,7 @@ fn seed000_s13_out_of_band_node_translates_operator_only_accounts() {
             }],
         }],
     };
-    let map = placement
-        .to_extent_map(4 << 20, extent)
-        .expect("valid map");
+    let map = placement.to_extent_map(4 << 20, extent).expect("valid map");
     // The node's translation of a write at volume byte 2 MiB + 4096.
     let write = ByteRange::new((2 << 20) + 4096, 4096).expect("fits");
     let segment = map
@@ -616,10 +645,11 @@ fn seed000_s13_out_of_band_node_translates_operator_only_accounts() {
         .expect("allocated");
     assert_eq!((delta.newly_in_use, delta.became_high), (1, 0));
     // Re-sending the same report (node restart) changes nothing.
-    assert!(pool
-        .write("vol", report, DataPriority::Low)
-        .expect("allocated")
-        .is_noop());
+    assert!(
+        pool.write("vol", report, DataPriority::Low)
+            .expect("allocated")
+            .is_noop()
+    );
     assert_eq!(pool.counters().in_use(), 1);
 }
 
@@ -652,19 +682,17 @@ fn op() -> impl Strategy<Value = Op> {
                 high,
             }
         }),
-        (0usize..16, 0u64..64, 1u64..16)
-            .prop_map(|(volume, start, len)| Op::Release { volume, start, len }),
+        (0usize..16, 0u64..64, 1u64..16).prop_map(|(volume, start, len)| Op::Release {
+            volume,
+            start,
+            len
+        }),
     ]
 }
 
 fn rules() -> impl Strategy<Value = ReclaimRules> {
-    (
-        any::<bool>(),
-        any::<bool>(),
-        any::<bool>(),
-        any::<bool>(),
-    )
-        .prop_map(|(unused, low, lower_first, inclusive)| ReclaimRules {
+    (any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+        |(unused, low, lower_first, inclusive)| ReclaimRules {
             tiers: TierSet {
                 unused,
                 low_priority: low,
@@ -679,12 +707,15 @@ fn rules() -> impl Strategy<Value = ReclaimRules> {
             } else {
                 AdmissionRule::Strict
             },
-        })
+        },
+    )
 }
 
 /// Classes by volume-name hash: values −1..=1, reclaimable flags vary.
 fn class_of(name: &str) -> VictimClass {
-    let h = name.bytes().fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    let h = name
+        .bytes()
+        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
     VictimClass {
         value: (h % 3) as i32 - 1,
         unused: h % 5 != 0,
@@ -697,8 +728,15 @@ fn assert_consistent(pool: &PoolLedger) {
     let c = pool.counters();
     assert_eq!(c.total(), c.allocated() + c.unallocated());
     let (alloc, usage, priority) = popcounts(pool);
-    assert_eq!((alloc, usage, priority), (c.allocated(), c.in_use(), c.high_priority()));
-    assert_eq!(pool.recount(), Ok(c), "incremental counters equal the recount");
+    assert_eq!(
+        (alloc, usage, priority),
+        (c.allocated(), c.in_use(), c.high_priority())
+    );
+    assert_eq!(
+        pool.recount(),
+        Ok(c),
+        "incremental counters equal the recount"
+    );
     let sums = PoolCounters::from_volumes(c.total(), pool.volumes().map(|v| (v.usage(), 1)))
         .expect("not over-committed");
     assert_eq!(sums, c, "per-volume counters sum to the pool counters");

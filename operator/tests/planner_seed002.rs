@@ -87,7 +87,10 @@ fn seed002_s13_construction_uses_first_domain_in_priority_order() {
             "{strategy:?}: the largest FastHDD area whole, the rest where it fits"
         );
         assert_eq!(
-            placement.replicas[0].domains().into_iter().collect::<Vec<_>>(),
+            placement.replicas[0]
+                .domains()
+                .into_iter()
+                .collect::<Vec<_>>(),
             vec!["device-a"]
         );
         // S707: the mapping is a valid extent map of the 60 GB volume.
@@ -182,14 +185,22 @@ fn seed002_s15_construction_failure_names_the_constraint() {
         })
     );
     assert_eq!(
-        plan_placement(&fixture(), &claim("NVMe", 1), &rules(PlacementStrategy::Pack)),
+        plan_placement(
+            &fixture(),
+            &claim("NVMe", 1),
+            &rules(PlacementStrategy::Pack)
+        ),
         Err(PlacementError::NoAreaOfMediaType {
             media_type: "NVMe".into()
         })
     );
     // The tape has no free-capacity value, so it holds nothing.
     assert_eq!(
-        plan_placement(&fixture(), &claim("Tape", 1), &rules(PlacementStrategy::Pack)),
+        plan_placement(
+            &fixture(),
+            &claim("Tape", 1),
+            &rules(PlacementStrategy::Pack)
+        ),
         Err(PlacementError::InsufficientCapacity {
             needed: 1,
             free: 0,

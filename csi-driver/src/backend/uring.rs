@@ -165,7 +165,7 @@ struct Shared {
 impl Shared {
     /// Pushes one entry and enters the kernel. Retries while the queue is full.
     fn push(&self, entry: &squeue::Entry) -> io::Result<()> {
-        let _guard = self.sq.lock();
+        let guard = self.sq.lock();
         loop {
             // SAFETY: the `sq` mutex makes this the only producer; the completion thread never
             // touches the submission queue outside this mutex.
@@ -181,6 +181,9 @@ impl Shared {
             // Queue full: hand the queued entries to the kernel and try again.
             submit_ignoring_busy(&self.ring)?;
         }
+        // The entry is published; enter the kernel outside the lock so other producers can push
+        // meanwhile (the kernel serialises submission per ring anyway).
+        drop(guard);
         submit_ignoring_busy(&self.ring)
     }
 }

@@ -5,8 +5,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use std::sync::Arc;
 use tessera_nbd::proto::*;
 use tessera_nbd::{
-    AllowAll, Authenticator, CancellationToken, ClientConfig, Credentials, ExportCatalog, MemExport,
-    NbdClient, PeerInfo, Server, SimpleCatalog,
+    AllowAll, Authenticator, CancellationToken, ClientConfig, Credentials, ExportCatalog,
+    MemExport, NbdClient, PeerInfo, Server, SimpleCatalog,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -30,7 +30,11 @@ where
     let server = server.clone();
     tokio::spawn(async move {
         let _ = server
-            .serve_connection(server_end, PeerInfo::other("duplex"), &CancellationToken::new())
+            .serve_connection(
+                server_end,
+                PeerInfo::other("duplex"),
+                &CancellationToken::new(),
+            )
             .await;
     });
     client
@@ -97,7 +101,10 @@ impl RawClient {
                 Parse::Incomplete { .. } => assert!(self.fill().await, "EOF in greeting"),
             }
         };
-        self.io.write_all(&client_flags.to_be_bytes()).await.unwrap();
+        self.io
+            .write_all(&client_flags.to_be_bytes())
+            .await
+            .unwrap();
         flags
     }
 
@@ -132,7 +139,11 @@ impl RawClient {
     pub async fn option_replies(&mut self) -> Vec<OptionReply> {
         let mut out = Vec::new();
         loop {
-            let r = self.option_reply().await.expect("EOF during option replies").reply;
+            let r = self
+                .option_reply()
+                .await
+                .expect("EOF during option replies")
+                .reply;
             let last = matches!(r, OptionReply::Ack | OptionReply::Error { .. });
             out.push(r);
             if last {
@@ -143,7 +154,8 @@ impl RawClient {
 
     /// Full handshake into transmission for `name`; returns (size, flags).
     pub async fn go(&mut self, name: &str) -> (u64, u16) {
-        self.greet(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES).await;
+        self.greet(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)
+            .await;
         self.send_option(&OptionRequest::Go(InfoRequest {
             name: name.into(),
             info_types: vec![NBD_INFO_BLOCK_SIZE],
@@ -152,7 +164,9 @@ impl RawClient {
         let mut export = None;
         for r in self.option_replies().await {
             match r {
-                OptionReply::Info(InfoReply::Export { size, flags }) => export = Some((size, flags)),
+                OptionReply::Info(InfoReply::Export { size, flags }) => {
+                    export = Some((size, flags))
+                }
                 OptionReply::Ack => {}
                 OptionReply::Info(_) => {}
                 other => panic!("GO failed: {other:?}"),
@@ -161,7 +175,15 @@ impl RawClient {
         export.expect("no NBD_INFO_EXPORT")
     }
 
-    pub async fn request(&mut self, command: Command, flags: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
+    pub async fn request(
+        &mut self,
+        command: Command,
+        flags: u16,
+        handle: u64,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) {
         let mut b = BytesMut::new();
         Request {
             flags,

@@ -414,7 +414,11 @@ impl VolumeLedger {
 
     fn check_range(&self, range: ExtentRange) -> Result<std::ops::Range<usize>, AccountingError> {
         let extents = self.extents();
-        if range.start.checked_add(range.len).is_none_or(|end| end > extents) {
+        if range
+            .start
+            .checked_add(range.len)
+            .is_none_or(|end| end > extents)
+        {
             return Err(AccountingError::OutOfRange {
                 volume: self.name.clone(),
                 range,
@@ -739,7 +743,8 @@ mod tests {
     fn failed_operations_change_nothing() {
         let mut pool = PoolLedger::new(10);
         pool.create_volume("v", 4, 1).expect("fits");
-        pool.release("v", &[ExtentRange::new(1, 1)]).expect("in range");
+        pool.release("v", &[ExtentRange::new(1, 1)])
+            .expect("in range");
         let before = pool.clone();
         assert_eq!(
             pool.write("v", ExtentRange::new(0, 3), DataPriority::High),
@@ -811,7 +816,8 @@ mod tests {
                 unallocated: 4
             })
         );
-        pool.release("mirror", &[ExtentRange::new(2, 1)]).expect("ok");
+        pool.release("mirror", &[ExtentRange::new(2, 1)])
+            .expect("ok");
         assert_eq!(pool.counters().unallocated(), 6);
         assert_eq!(pool.recount(), Ok(pool.counters()));
     }

@@ -406,30 +406,26 @@ pub fn replan_excluding(
         });
     }
     let own: BTreeSet<&str> = request.own_volumes.iter().map(String::as_str).collect();
-    let base_eligible = |v: &VolumeCandidate| {
-        !own.contains(v.name.as_str())
-            && !skipped.contains(&v.name)
-            && match rules.victim_policy {
-                VictimPolicy::LargestFirst => true,
-                VictimPolicy::LowerPriorityFirst => v.class.value < request.priority_value,
-            }
+    let policy_allows = |v: &VolumeCandidate| match rules.victim_policy {
+        VictimPolicy::LargestFirst => true,
+        VictimPolicy::LowerPriorityFirst => v.class.value < request.priority_value,
     };
-    let mut unused = Vec::new();
-    let mut low = Vec::new();
+    let eligible = |v: &VolumeCandidate, tier: ReclaimTier| {
+        rules.tiers.contains(tier)
+            && v.class.allows(tier)
+            && v.extents_in(tier) > 0
+            && policy_allows(v)
+            && !own.contains(v.name.as_str())
+            && !skipped.contains(&v.name)
+    };
+    // 600: one pass for F and L; the victims are ordered only if reclaim is needed.
     let (mut f, mut l) = (0u64, 0u64);
-    for (index, volume) in pool.volumes.iter().enumerate() {
-        if !base_eligible(volume) {
-            continue;
+    for volume in pool.volumes {
+        if eligible(volume, ReclaimTier::Unused) {
+            f = f.saturating_add(volume.pool_extents_in(ReclaimTier::Unused));
         }
-        for (tier, list, sum) in [
-            (ReclaimTier::Unused, &mut unused, &mut f),
-            (ReclaimTier::LowPriority, &mut low, &mut l),
-        ] {
-            let count = volume.pool_extents_in(tier);
-            if count > 0 && rules.tiers.contains(tier) && volume.class.allows(tier) {
-                *sum = sum.saturating_add(count);
-                list.push(VictimKey::new(volume, index, count, rules.victim_policy));
-            }
+        if eligible(volume, ReclaimTier::LowPriority) {
+            l = l.saturating_add(volume.pool_extents_in(ReclaimTier::LowPriority));
         }
     }
     let admission = Admission {
@@ -448,31 +444,53 @@ pub fn replan_excluding(
     // 604/708: reclaim only while U < N.
     let mut shortfall = request.pool_extents().saturating_sub(pool.unallocated);
     let mut returns = Vec::new();
-    for (tier, keys) in [(ReclaimTier::Unused, unused), (ReclaimTier::LowPriority, low)] {
+    for (tier, tier_total) in [(ReclaimTier::Unused, f), (ReclaimTier::LowPriority, l)] {
         if shortfall == 0 {
             break;
         }
         // 700/704: the volume with the most extents of the tier by the current counts. Taking
         // all of a victim's extents leaves it with none, so the next pick is the next key.
-        let mut heap = BinaryHeap::from(keys);
-        while shortfall > 0 {
-            let Some(key) = heap.pop() else { break };
+        let keys: Vec<VictimKey<'_>> = pool
+            .volumes
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| eligible(v, tier))
+            .map(|(index, v)| {
+                VictimKey::new(v, index, v.pool_extents_in(tier), rules.victim_policy)
+            })
+            .collect();
+        let mut take = |key: VictimKey<'_>, shortfall: &mut u64| {
             let volume = &pool.volumes[key.index.0];
             let per_extent = volume.pool_extents_per_extent();
-            let extents = volume
-                .extents_in(tier)
-                .min(shortfall.div_ceil(per_extent));
+            let extents = volume.extents_in(tier).min(shortfall.div_ceil(per_extent));
             let pool_extents = extents * per_extent;
-            shortfall = shortfall.saturating_sub(pool_extents);
+            *shortfall = shortfall.saturating_sub(pool_extents);
             returns.push(AreaReturn {
                 volume: volume.name.clone(),
                 tier,
                 extents,
                 pool_extents,
             });
+        };
+        if shortfall >= tier_total {
+            // Every victim of the tier is taken: one sort beats popping a heap dry.
+            let mut keys = keys;
+            keys.sort_unstable_by(|a, b| b.cmp(a));
+            for key in keys {
+                take(key, &mut shortfall);
+            }
+        } else {
+            let mut heap = BinaryHeap::from(keys);
+            while shortfall > 0 {
+                let Some(key) = heap.pop() else { break };
+                take(key, &mut shortfall);
+            }
         }
     }
-    debug_assert_eq!(shortfall, 0, "admission guarantees enough reclaimable space");
+    debug_assert_eq!(
+        shortfall, 0,
+        "admission guarantees enough reclaimable space"
+    );
     Ok(AllocationPlan { admission, returns })
 }
 

@@ -333,7 +333,9 @@ pub fn accrue(
         .checked_mul(due.intervals)
         .ok_or(ChargingError::Overflow)?;
     Ok(Accrual {
-        accrued: accrued.checked_add(charged).ok_or(ChargingError::Overflow)?,
+        accrued: accrued
+            .checked_add(charged)
+            .ok_or(ChargingError::Overflow)?,
         charged_until: due.charged_until,
         intervals: due.intervals,
         charged,
@@ -352,21 +354,23 @@ pub fn settle_final(
     stored: StoredBytes,
     rates: &Rates,
 ) -> Result<Accrual, ChargingError> {
-    let whole = accrue(
-        accrued,
-        last_charged,
-        now,
-        interval_seconds,
-        stored,
-        rates,
-    )?;
-    let tail_seconds = now.saturating_sub(whole.charged_until).max(0).unsigned_abs();
+    let whole = accrue(accrued, last_charged, now, interval_seconds, stored, rates)?;
+    let tail_seconds = now
+        .saturating_sub(whole.charged_until)
+        .max(0)
+        .unsigned_abs();
     let tail = charge_for(stored, rates, tail_seconds)?;
     Ok(Accrual {
-        accrued: whole.accrued.checked_add(tail).ok_or(ChargingError::Overflow)?,
+        accrued: whole
+            .accrued
+            .checked_add(tail)
+            .ok_or(ChargingError::Overflow)?,
         charged_until: whole.charged_until.max(now),
         intervals: whole.intervals,
-        charged: whole.charged.checked_add(tail).ok_or(ChargingError::Overflow)?,
+        charged: whole
+            .charged
+            .checked_add(tail)
+            .ok_or(ChargingError::Overflow)?,
     })
 }
 
@@ -388,7 +392,18 @@ mod tests {
             Ok(999_999_999_999_999_999)
         );
         for bad in [
-            "", ".", "1.", ".5", "-1", "+1", " 1", "1 ", "1e3", "0.1234567", "1,5", "1.2.3",
+            "",
+            ".",
+            "1.",
+            ".5",
+            "-1",
+            "+1",
+            " 1",
+            "1 ",
+            "1e3",
+            "0.1234567",
+            "1,5",
+            "1.2.3",
             "1000000000000",
         ] {
             assert!(Amount::parse_rate(bad).is_err(), "{bad:?} must be refused");
@@ -406,7 +421,10 @@ mod tests {
         assert_eq!(Amount::from_micros(1).to_string(), "0.000001");
         assert_eq!(amount("0.10").to_string(), "0.100000");
         assert_eq!(amount("1294000").to_string(), "1294000.000000");
-        assert_eq!("12.5".parse::<Amount>(), Ok(Amount::from_micros(12_500_000)));
+        assert_eq!(
+            "12.5".parse::<Amount>(),
+            Ok(Amount::from_micros(12_500_000))
+        );
     }
 
     #[test]
@@ -482,8 +500,15 @@ mod tests {
         assert_eq!((first.intervals, first.charged_until), (2, 7200));
         assert_eq!(first.accrued, amount("3"));
         // A restart re-runs with the persisted mark and the same clock: nothing more.
-        let again = accrue(first.accrued, first.charged_until, 9000, 3600, stored, &rates)
-            .expect("ok");
+        let again = accrue(
+            first.accrued,
+            first.charged_until,
+            9000,
+            3600,
+            stored,
+            &rates,
+        )
+        .expect("ok");
         assert_eq!((again.intervals, again.accrued), (0, first.accrued));
         // Deleting at 9000 charges the half interval.
         let last = settle_final(first.accrued, 7200, 9000, 3600, stored, &rates).expect("ok");

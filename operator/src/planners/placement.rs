@@ -58,7 +58,10 @@ pub struct AreaCandidate {
 }
 
 /// The free ranges of an area of `capacity` extents, given the ranges already used.
-pub fn free_extents(capacity: u64, used: impl IntoIterator<Item = ExtentRange>) -> Vec<ExtentRange> {
+pub fn free_extents(
+    capacity: u64,
+    used: impl IntoIterator<Item = ExtentRange>,
+) -> Vec<ExtentRange> {
     let used = super::coalesce(used.into_iter().collect());
     let mut free = Vec::new();
     let mut cursor = 0;
@@ -172,6 +175,8 @@ pub enum ToExtentMapError {
         needed: u64,
         placed: u64,
     },
+    #[error("replica {replica} has an empty piece")]
+    EmptyPiece { replica: usize },
     #[error(transparent)]
     Map(#[from] MapError),
 }
@@ -197,6 +202,13 @@ impl Placement {
         }
         if let Some(bad) = self.replicas.iter().find(|r| r.extents() != needed) {
             return Err(mismatch(bad.extents()));
+        }
+        if let Some(replica) = self
+            .replicas
+            .iter()
+            .position(|r| r.pieces.iter().any(|p| p.len == 0))
+        {
+            return Err(ToExtentMapError::EmptyPiece { replica });
         }
         let es = extent_size.get();
         let bytes = |extents: u64| {
@@ -256,7 +268,9 @@ impl Placement {
 /// reserved when placement fails.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlacementError {
-    #[error("the claim requests {extents} extents with {copies} copies; need ≥ 1 extent and 1–3 copies")]
+    #[error(
+        "the claim requests {extents} extents with {copies} copies; need ≥ 1 extent and 1–3 copies"
+    )]
     InvalidRequest { extents: u64, copies: u8 },
 
     #[error("area {area} appears twice in the placement input")]
@@ -322,9 +336,7 @@ impl PlacementError {
             PlacementError::InvalidRequest { .. }
             | PlacementError::DuplicateArea { .. }
             | PlacementError::OverlappingFreeRanges { .. } => "InvalidInput",
-            PlacementError::NoAreas | PlacementError::NoAreaOfMediaType { .. } => {
-                "NoMatchingArea"
-            }
+            PlacementError::NoAreas | PlacementError::NoAreaOfMediaType { .. } => "NoMatchingArea",
             PlacementError::NotEnoughNodes { .. } | PlacementError::ReplicaDoesNotFit { .. } => {
                 "NotEnoughNodes"
             }
@@ -931,11 +943,7 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                (
-                    0,
-                    3 * 4096,
-                    vec![("a".to_owned(), 0), ("c".to_owned(), 0)]
-                ),
+                (0, 3 * 4096, vec![("a".to_owned(), 0), ("c".to_owned(), 0)]),
                 (
                     3 * 4096,
                     4096 + 512,
@@ -947,5 +955,13 @@ mod tests {
             placed.to_extent_map(10 * 4096, es),
             Err(ToExtentMapError::SizeMismatch { .. })
         ));
+        let mut empty_piece = placed.clone();
+        let mut zero = empty_piece.replicas[1].pieces[0].clone();
+        zero.len = 0;
+        empty_piece.replicas[1].pieces.push(zero);
+        assert_eq!(
+            empty_piece.to_extent_map(4 * 4096 + 512, es),
+            Err(ToExtentMapError::EmptyPiece { replica: 1 })
+        );
     }
 }
