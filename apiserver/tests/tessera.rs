@@ -200,7 +200,10 @@ async fn kubectl_applies_examples_shows_printer_columns_and_deletes() {
     assert!(ok, "apply crds: {out}{err}");
     let (ok, out, err) = run(&["apply", "-f", "examples/"]).await;
     assert!(ok, "apply examples: {out}{err}");
-    assert!(out.contains("storagepool.tessera.io/default created"), "{out}");
+    assert!(
+        out.contains("storagepool.tessera.io/default created"),
+        "{out}"
+    );
 
     // Printer columns come from the CRD, through the server's Table.
     let (ok, out, err) = run(&["get", "sarea"]).await;
@@ -209,7 +212,10 @@ async fn kubectl_applies_examples_shows_printer_columns_and_deletes() {
     for column in ["NAME", "NODE", "POOL", "MEDIA", "CAPACITY", "PHASE", "AGE"] {
         assert!(header.contains(column), "missing {column}: {header}");
     }
-    assert!(out.contains("node-b-area-1") && out.contains("hdd"), "{out}");
+    assert!(
+        out.contains("node-b-area-1") && out.contains("hdd"),
+        "{out}"
+    );
     let (ok, out, err) = run(&["get", "sclaim", "-n", "default"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("database") && out.contains("2147483648") && out.contains("high"));

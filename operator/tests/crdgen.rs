@@ -22,8 +22,14 @@ fn crdgen_writes_every_kind_and_prunes_stale_files() {
         let written = std::fs::read_to_string(dir.path().join(&file)).unwrap();
         assert_eq!(written, yaml, "{file}");
     }
-    assert!(!stale.exists(), "a CRD file of a removed kind must be deleted");
-    assert!(unrelated.exists(), "files that are not tessera CRDs are left alone");
+    assert!(
+        !stale.exists(),
+        "a CRD file of a removed kind must be deleted"
+    );
+    assert!(
+        unrelated.exists(),
+        "files that are not tessera CRDs are left alone"
+    );
 }
 
 #[test]
