@@ -26,10 +26,34 @@ struct Workload {
 }
 
 const WORKLOADS: [Workload; 4] = [
-    Workload { name: "4 KiB random read", block: 4096, depth: 32, write: false, random: true },
-    Workload { name: "4 KiB random write", block: 4096, depth: 32, write: true, random: true },
-    Workload { name: "1 MiB sequential read", block: 1 << 20, depth: 4, write: false, random: false },
-    Workload { name: "1 MiB sequential write", block: 1 << 20, depth: 4, write: true, random: false },
+    Workload {
+        name: "4 KiB random read",
+        block: 4096,
+        depth: 32,
+        write: false,
+        random: true,
+    },
+    Workload {
+        name: "4 KiB random write",
+        block: 4096,
+        depth: 32,
+        write: true,
+        random: true,
+    },
+    Workload {
+        name: "1 MiB sequential read",
+        block: 1 << 20,
+        depth: 4,
+        write: false,
+        random: false,
+    },
+    Workload {
+        name: "1 MiB sequential write",
+        block: 1 << 20,
+        depth: 4,
+        write: true,
+        random: false,
+    },
 ];
 
 struct Args {
@@ -41,13 +65,29 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut out = Args { seconds: 3.0, size_mib: 1024, dir: None, full: false, uring_first: false };
+    let mut out = Args {
+        seconds: 3.0,
+        size_mib: 1024,
+        dir: None,
+        full: false,
+        uring_first: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--bench" => out.full = true,
-            "--seconds" => out.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(out.seconds),
-            "--size-mib" => out.size_mib = it.next().and_then(|v| v.parse().ok()).unwrap_or(out.size_mib),
+            "--seconds" => {
+                out.seconds = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(out.seconds)
+            }
+            "--size-mib" => {
+                out.size_mib = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(out.size_mib)
+            }
             "--dir" => out.dir = it.next(),
             "--uring-first" => out.uring_first = true,
             _ => {}
@@ -87,7 +127,9 @@ async fn run(area: Arc<LocalArea>, w: Workload, size: u64, seconds: f64) -> (u64
                 };
                 let offset = block * w.block as u64;
                 let result = if w.write {
-                    area.write(Generation(1), offset, data.clone(), false).await.map(|_| ())
+                    area.write(Generation(1), offset, data.clone(), false)
+                        .await
+                        .map(|_| ())
                 } else {
                     area.read(Generation(1), offset, w.block).await.map(|_| ())
                 };
@@ -127,19 +169,37 @@ fn main() -> std::io::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    println!("kernel {}, {} CPUs, area file {} MiB in {}, {} s per cell, O_DIRECT",
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        args.size_mib, dir.path().display(), args.seconds);
+    println!(
+        "kernel {}, {} CPUs, area file {} MiB in {}, {} s per cell, O_DIRECT",
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        args.size_mib,
+        dir.path().display(),
+        args.seconds
+    );
+    if !args.full {
+        println!("(smoke run under `cargo test`: tiny file and time slices, not a measurement)");
+    }
     println!();
     println!("| driver | workload | depth | IOPS | MiB/s |");
     println!("|---|---|---|---|---|");
-    let mut drivers = [("thread pool", IoDriver::ThreadPool), ("io_uring", IoDriver::IoUring)];
+    let mut drivers = [
+        ("thread pool", IoDriver::ThreadPool),
+        ("io_uring", IoDriver::IoUring),
+    ];
     if args.uring_first {
         drivers.reverse();
     }
     for (label, driver) in drivers {
-        let options = LocalAreaOptions { driver, direct: DirectIo::Auto, size_bytes: None };
+        let options = LocalAreaOptions {
+            driver,
+            direct: DirectIo::Auto,
+            size_bytes: None,
+        };
         let area = match LocalArea::open("bench", &path, &options) {
             Ok(area) => Arc::new(area),
             Err(e) => {
@@ -154,7 +214,10 @@ fn main() -> std::io::Result<()> {
             let (ops, secs) = runtime.block_on(run(area.clone(), w, size, args.seconds));
             let iops = ops as f64 / secs;
             let mib = iops * w.block as f64 / (1u64 << 20) as f64;
-            println!("| {label} | {} | {} | {iops:.0} | {mib:.1} |", w.name, w.depth);
+            println!(
+                "| {label} | {} | {} | {iops:.0} | {mib:.1} |",
+                w.name, w.depth
+            );
         }
     }
     Ok(())

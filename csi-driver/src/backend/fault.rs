@@ -144,7 +144,12 @@ impl AreaBackend for FaultyArea {
         self.inner.size_bytes()
     }
 
-    fn read(&self, generation: Generation, area_offset: u64, length: usize) -> BackendFuture<'_, Bytes> {
+    fn read(
+        &self,
+        generation: Generation,
+        area_offset: u64,
+        length: usize,
+    ) -> BackendFuture<'_, Bytes> {
         let call = Call {
             kind: CallKind::Read,
             generation,
@@ -194,7 +199,9 @@ impl AreaBackend for FaultyArea {
         };
         Box::pin(async move {
             self.admit(call)?;
-            self.inner.write_zeroes(generation, area_offset, length, fua).await
+            self.inner
+                .write_zeroes(generation, area_offset, length, fua)
+                .await
         })
     }
 

@@ -75,8 +75,12 @@ pub trait AreaBackend: Send + Sync + fmt::Debug {
     fn size_bytes(&self) -> u64;
 
     /// Reads exactly `length` bytes at `area_offset`.
-    fn read(&self, generation: Generation, area_offset: u64, length: usize)
-    -> BackendFuture<'_, Bytes>;
+    fn read(
+        &self,
+        generation: Generation,
+        area_offset: u64,
+        length: usize,
+    ) -> BackendFuture<'_, Bytes>;
 
     /// Writes `data` at `area_offset`; with `fua`, the data is durable when the future completes.
     fn write(
@@ -97,8 +101,7 @@ pub trait AreaBackend: Send + Sync + fmt::Debug {
     ) -> BackendFuture<'_, ()>;
 
     /// Discards the range (advisory: afterwards it reads as the old data or as zeros).
-    fn trim(&self, generation: Generation, area_offset: u64, length: u64)
-    -> BackendFuture<'_, ()>;
+    fn trim(&self, generation: Generation, area_offset: u64, length: u64) -> BackendFuture<'_, ()>;
 
     /// Makes every write that completed before this call durable.
     fn flush(&self, generation: Generation) -> BackendFuture<'_, ()>;
@@ -118,7 +121,9 @@ impl fmt::Debug for AreaRegistry {
         let areas = self.areas.load();
         let mut names: Vec<&str> = areas.keys().map(AreaId::as_str).collect();
         names.sort_unstable();
-        f.debug_struct("AreaRegistry").field("areas", &names).finish()
+        f.debug_struct("AreaRegistry")
+            .field("areas", &names)
+            .finish()
     }
 }
 

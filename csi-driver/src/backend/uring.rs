@@ -4,7 +4,7 @@
 //! a mutex and enters the kernel; the completion thread waits for completions, finishes short
 //! transfers by resubmitting the rest, and wakes the waiting task through a oneshot channel.
 //!
-//! Every in-flight operation is a heap [`Op`] whose address is the entry's `user_data`. The op
+//! Every in-flight operation is a heap `Op` whose address is the entry's `user_data`. The op
 //! owns its buffer and keeps its file open until the kernel has posted the completion, so a
 //! caller that stops waiting (drops its future) never leaves the kernel writing into freed
 //! memory.
@@ -106,9 +106,7 @@ impl Op {
                 // SAFETY (pointer use by the kernel): `buf` lives in this boxed op until the
                 // completion is reaped; `done < len`.
                 let ptr = buf.as_mut_ptr().wrapping_add(self.done);
-                opcode::Read::new(fd, ptr, remaining)
-                    .offset(offset)
-                    .build()
+                opcode::Read::new(fd, ptr, remaining).offset(offset).build()
             }
             OpKind::Write { data, dsync } => {
                 let slice = data.as_slice();
@@ -135,8 +133,8 @@ impl Op {
         }
     }
 
-    fn finish(self: Box<Self>, result: io::Result<()>) {
-        let Op { kind, reply, .. } = *self;
+    fn finish(self, result: io::Result<()>) {
+        let Op { kind, reply, .. } = self;
         let output = result.map(|()| match kind {
             OpKind::Read(buf) => OpOutput::Read(buf.into_bytes()),
             OpKind::Write { .. } | OpKind::Fdatasync => OpOutput::Done,
@@ -193,7 +191,12 @@ impl Shared {
 fn submit_ignoring_busy(ring: &IoUring) -> io::Result<()> {
     match ring.submit() {
         Ok(_) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)) => {
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+            ) =>
+        {
             Ok(())
         }
         Err(e) => Err(e),
@@ -276,7 +279,12 @@ impl UringDriver {
             .unwrap_or_else(|_| Err(io::Error::other("io_uring driver stopped")))
     }
 
-    pub(crate) async fn read(&self, file: Arc<File>, offset: u64, buf: ReadBuf) -> io::Result<Bytes> {
+    pub(crate) async fn read(
+        &self,
+        file: Arc<File>,
+        offset: u64,
+        buf: ReadBuf,
+    ) -> io::Result<Bytes> {
         match self.run(file, offset, OpKind::Read(buf)).await? {
             OpOutput::Read(bytes) => Ok(bytes),
             OpOutput::Done => Err(io::Error::other("io_uring read returned no data")),
@@ -304,7 +312,10 @@ impl Drop for UringDriver {
     fn drop(&mut self) {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         // Wake the completion thread; it exits once nothing is in flight.
-        if let Err(e) = self.shared.push(&opcode::Nop::new().build().user_data(WAKE)) {
+        if let Err(e) = self
+            .shared
+            .push(&opcode::Nop::new().build().user_data(WAKE))
+        {
             tracing::warn!(error = %e, "cannot wake the io_uring completion thread");
             return;
         }
@@ -319,7 +330,10 @@ impl Drop for UringDriver {
 fn completion_loop(shared: &Shared) {
     loop {
         if let Err(e) = shared.ring.submit_and_wait(1)
-            && !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN))
+            && !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+            )
         {
             tracing::error!(error = %e, "io_uring wait failed");
             std::thread::sleep(Duration::from_millis(1));
@@ -352,12 +366,12 @@ fn complete(shared: &Shared, mut op: Box<Op>, result: i32) {
             return;
         }
         shared.inflight.fetch_sub(1, Ordering::SeqCst);
-        op.finish(Err(io::Error::from_raw_os_error(errno)));
+        (*op).finish(Err(io::Error::from_raw_os_error(errno)));
         return;
     }
     if matches!(op.kind, OpKind::Fdatasync) {
         shared.inflight.fetch_sub(1, Ordering::SeqCst);
-        op.finish(Ok(()));
+        (*op).finish(Ok(()));
         return;
     }
     let transferred = result as usize;
@@ -367,7 +381,7 @@ fn complete(shared: &Shared, mut op: Box<Op>, result: i32) {
             OpKind::Read(_) => io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end"),
             _ => io::Error::new(io::ErrorKind::WriteZero, "write transferred nothing"),
         };
-        op.finish(Err(error));
+        (*op).finish(Err(error));
         return;
     }
     op.done += transferred;
@@ -375,7 +389,7 @@ fn complete(shared: &Shared, mut op: Box<Op>, result: i32) {
         resubmit(shared, op);
     } else {
         shared.inflight.fetch_sub(1, Ordering::SeqCst);
-        op.finish(Ok(()));
+        (*op).finish(Ok(()));
     }
 }
 
@@ -384,7 +398,7 @@ fn resubmit(shared: &Shared, mut op: Box<Op>) {
         Ok(entry) => entry,
         Err(e) => {
             shared.inflight.fetch_sub(1, Ordering::SeqCst);
-            op.finish(Err(e));
+            (*op).finish(Err(e));
             return;
         }
     };
@@ -393,6 +407,6 @@ fn resubmit(shared: &Shared, mut op: Box<Op>) {
         shared.inflight.fetch_sub(1, Ordering::SeqCst);
         // SAFETY: not submitted, still ours.
         let op = unsafe { Box::from_raw(user_data as *mut Op) };
-        op.finish(Err(e));
+        (*op).finish(Err(e));
     }
 }

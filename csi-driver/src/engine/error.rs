@@ -8,11 +8,15 @@ use tessera_api::model::{AreaId, ByteRange, Generation, MapError, SECTOR_SIZE};
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// Offset or length is not a multiple of the 512-byte sector.
-    #[error("request at offset {offset} with length {length} is not aligned to {SECTOR_SIZE} bytes")]
+    #[error(
+        "request at offset {offset} with length {length} is not aligned to {SECTOR_SIZE} bytes"
+    )]
     Unaligned { offset: u64, length: u64 },
 
     /// The request reaches past the end of the volume.
-    #[error("request at offset {offset} with length {length} is outside the {size_bytes}-byte volume")]
+    #[error(
+        "request at offset {offset} with length {length} is outside the {size_bytes}-byte volume"
+    )]
     OutOfRange {
         offset: u64,
         length: u64,
@@ -35,7 +39,10 @@ pub enum EngineError {
 
     /// Every healthy replica of a piece failed, or none is healthy any more.
     #[error("every replica of {range} failed (tried {tried:?})")]
-    AllReplicasFailed { range: ByteRange, tried: Vec<AreaId> },
+    AllReplicasFailed {
+        range: ByteRange,
+        tried: Vec<AreaId>,
+    },
 
     /// A backend serves another mapping generation than the request was translated with
     /// (seed 004 §11.4). The request may be retried: it is translated again with the active map.

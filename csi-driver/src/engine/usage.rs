@@ -163,12 +163,30 @@ impl UsageTracker {
             full,
             map_generation,
             extent_size: self.extent_size,
-            set: if full { in_use.clone() } else { &in_use - &state.in_use },
-            cleared: if full { RoaringBitmap::new() } else { &state.in_use - &in_use },
-            high_priority_set: if full { high.clone() } else { &high - &state.high },
-            high_priority_cleared: if full { RoaringBitmap::new() } else { &state.high - &high },
+            set: if full {
+                in_use.clone()
+            } else {
+                &in_use - &state.in_use
+            },
+            cleared: if full {
+                RoaringBitmap::new()
+            } else {
+                &state.in_use - &in_use
+            },
+            high_priority_set: if full {
+                high.clone()
+            } else {
+                &high - &state.high
+            },
+            high_priority_cleared: if full {
+                RoaringBitmap::new()
+            } else {
+                &state.high - &high
+            },
             in_use_bytes: self.in_use_extents().saturating_mul(self.extent_size),
-            high_priority_bytes: self.high_priority_extents().saturating_mul(self.extent_size),
+            high_priority_bytes: self
+                .high_priority_extents()
+                .saturating_mul(self.extent_size),
         };
         state.in_use = in_use;
         state.high = high;
@@ -183,7 +201,11 @@ fn new_instance_id() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     let pid = u64::from(std::process::id());
-    nanos ^ (pid << 40) ^ COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    nanos
+        ^ (pid << 40)
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// One usage report of a volume, for the operator (ARCHITECTURE §4 "Nodes report usage deltas;
@@ -249,7 +271,10 @@ impl UsageDelta {
             + 1
             + 4
             + self.volume.len()
-            + bitmaps.iter().map(|b| 8 + b.serialized_size()).sum::<usize>();
+            + bitmaps
+                .iter()
+                .map(|b| 8 + b.serialized_size())
+                .sum::<usize>();
         let mut out = Vec::with_capacity(size);
         out.extend_from_slice(MAGIC);
         for value in [
@@ -284,7 +309,14 @@ impl UsageDelta {
         for value in &mut u64s {
             *value = read_u64(&mut input)?;
         }
-        let [instance, sequence, generation, extent_size, in_use_bytes, high_priority_bytes] = u64s;
+        let [
+            instance,
+            sequence,
+            generation,
+            extent_size,
+            in_use_bytes,
+            high_priority_bytes,
+        ] = u64s;
         let mut flag = [0u8; 1];
         input.read_exact(&mut flag)?;
         let mut len = [0u8; 4];
@@ -416,8 +448,14 @@ mod tests {
         usage.mark_unused([0, 4, 9]); // 9 was never in use
         assert_eq!(usage.in_use_extents(), 3);
         assert_eq!(usage.high_priority_extents(), 2);
-        assert_eq!(usage.in_use_bitmap().iter().collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(usage.high_priority_bitmap().iter().collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            usage.in_use_bitmap().iter().collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert_eq!(
+            usage.high_priority_bitmap().iter().collect::<Vec<_>>(),
+            vec![1, 2]
+        );
     }
 
     #[test]

@@ -278,11 +278,7 @@ impl Volume {
                 continue;
             }
             let result = match self.backend(location.area) {
-                Ok(backend) => {
-                    backend
-                        .read(generation, location.area_offset, length)
-                        .await
-                }
+                Ok(backend) => backend.read(generation, location.area_offset, length).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -343,7 +339,12 @@ impl Volume {
 
     /// Makes `[offset, offset + length)` read back as zeros. Holes already do and are skipped.
     /// Whole extents it covers are no longer in use (usage bit cleared, like a trim).
-    pub async fn write_zeroes(&self, offset: u64, length: u64, fua: bool) -> Result<(), EngineError> {
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        fua: bool,
+    ) -> Result<(), EngineError> {
         self.discard(offset, length, Mutation::WriteZeroes { fua })
             .await
     }
@@ -356,7 +357,12 @@ impl Volume {
         self.discard(offset, length, Mutation::Trim).await
     }
 
-    async fn discard(&self, offset: u64, length: u64, mutation: Mutation) -> Result<(), EngineError> {
+    async fn discard(
+        &self,
+        offset: u64,
+        length: u64,
+        mutation: Mutation,
+    ) -> Result<(), EngineError> {
         let map = self.pin();
         let range = self.request_range(&map, offset, length)?;
         if range.is_empty() {
@@ -365,9 +371,7 @@ impl Volume {
         let segments: Vec<Segment<'_>> = map.translate(range)?.collect();
         let extents = range.extent_indices(map.extent_size());
         self.dirty.mark(extents.clone());
-        let results = self
-            .mutate(&map, &segments, |_| mutation.clone())
-            .await;
+        let results = self.mutate(&map, &segments, |_| mutation.clone()).await;
         self.dirty.mark(extents);
         // Clear the usage of whole extents whose piece succeeded (holes trivially did).
         let whole = segments
@@ -423,9 +427,7 @@ impl Volume {
                         backend.write(generation, offset, data, fua).await
                     }
                     Mutation::WriteZeroes { fua } => {
-                        backend
-                            .write_zeroes(generation, offset, length, fua)
-                            .await
+                        backend.write_zeroes(generation, offset, length, fua).await
                     }
                     Mutation::Trim => backend.trim(generation, offset, length).await,
                 }
@@ -525,7 +527,8 @@ impl Volume {
             tracing::warn!(volume = %self.name, %area, %range, %error,
                 "replica failed; marked unhealthy, volume degraded");
         }
-        self.health.mark_unhealthy(failed.iter().map(|(area, _)| area));
+        self.health
+            .mark_unhealthy(failed.iter().map(|(area, _)| area));
     }
 
     fn backend(&self, area: &AreaId) -> Result<Arc<dyn AreaBackend>, BackendError> {
@@ -586,8 +589,7 @@ impl Volume {
     /// The usage changes since the previous report; the first report is full. See
     /// [`UsageDelta`] for the apply rules.
     pub fn take_usage_delta(&self) -> UsageDelta {
-        self.usage
-            .take_report(&self.name, self.generation(), false)
+        self.usage.take_report(&self.name, self.generation(), false)
     }
 
     /// A full usage report (after the receiver detected a gap); later deltas follow from it.
@@ -651,9 +653,8 @@ fn check_areas(map: &ExtentMap, areas: &AreaRegistry) -> Result<(), EngineError>
 
 /// The smallest extent-aligned range (clamped to the volume) covering every hole segment.
 fn hole_span(map: &ExtentMap, segments: &[Segment<'_>]) -> Option<ByteRange> {
-    let mut holes = segments.iter().filter(|s| s.is_hole());
-    let first = holes.next()?;
-    let last = holes.last().unwrap_or(first);
+    let first = segments.iter().find(|s| s.is_hole())?;
+    let last = segments.iter().rfind(|s| s.is_hole()).unwrap_or(first);
     let extent_size = map.extent_size();
     let start = extent_size.align_down(first.offset());
     let end = extent_size

@@ -25,8 +25,9 @@ pub struct Rig {
 }
 
 impl Rig {
+    /// Areas on the default driver (io_uring where the kernel allows it).
     pub fn new(names: &[&str], area_bytes: u64) -> Rig {
-        Rig::with_driver(names, area_bytes, IoDriver::ThreadPool)
+        Rig::with_driver(names, area_bytes, IoDriver::Auto)
     }
 
     pub fn with_driver(names: &[&str], area_bytes: u64, driver: IoDriver) -> Rig {
@@ -106,6 +107,10 @@ pub fn map(size: u64, mapped: &[(u64, u64, Vec<ReplicaLocation>)]) -> Arc<Extent
 /// A deterministic pattern for `len` bytes.
 pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| seed.wrapping_mul(31).wrapping_add((i as u8).wrapping_mul(7)) ^ (i >> 8) as u8)
+        .map(|i| {
+            seed.wrapping_mul(31)
+                .wrapping_add((i as u8).wrapping_mul(7))
+                ^ (i >> 8) as u8
+        })
         .collect()
 }
