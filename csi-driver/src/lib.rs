@@ -9,3 +9,5 @@
 
 pub mod backend;
 pub mod engine;
+pub mod extent_server;
+pub mod frontend;

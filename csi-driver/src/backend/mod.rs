@@ -26,6 +26,7 @@
 pub mod aligned;
 pub mod fault;
 pub mod local;
+pub mod remote;
 pub mod uring;
 
 use std::collections::HashMap;

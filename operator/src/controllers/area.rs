@@ -20,15 +20,14 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::v1alpha1::{AreaPhase, StorageArea, StoragePool, VirtualVolume};
 
 use super::support::{AREA_FINALIZER, patch_status, reference, set_condition, unix_seconds};
 use super::usage::area_pieces;
 use super::view::{PoolView, effective_mapping};
-use super::{Config, Context, Error, Result};
+use super::{Config, Context, Error, Informers, Result};
 
 /// Controller name in metrics.
 pub const NAME: &str = "area";
@@ -39,18 +38,14 @@ fn areas_of(volume: &VirtualVolume) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-pub fn controller(client: &Client, config: &Config) -> Controller<StorageArea> {
-    let wc = watcher::Config::default;
-    let ctrl = Controller::new(Api::<StorageArea>::all(client.clone()), wc())
-        .with_config(controller::Config::default().debounce(config.aggregate_debounce));
-    let store = ctrl.store();
+pub fn controller(informers: &Informers, config: &Config) -> Controller<StorageArea> {
+    let store = informers.areas.store();
     // The areas a volume used before its latest change, so a release also updates the areas
     // it left.
     let previous: Arc<Mutex<HashMap<String, BTreeSet<String>>>> = Arc::default();
-    ctrl.watches(
-        Api::<VirtualVolume>::all(client.clone()),
-        wc(),
-        move |volume: VirtualVolume| {
+    Controller::for_stream(informers.areas.subscribe(), informers.areas.store())
+        .with_config(controller::Config::default().debounce(config.aggregate_debounce))
+        .watches_stream(informers.volumes.subscribe(), move |volume: VirtualVolume| {
             let now = areas_of(&volume);
             let mut previous = previous.lock().unwrap_or_else(|e| e.into_inner());
             let before = if volume.metadata.deletion_timestamp.is_some() {
@@ -64,12 +59,8 @@ pub fn controller(client: &Client, config: &Config) -> Controller<StorageArea> {
                 .into_iter()
                 .map(|a| ObjectRef::new(&a))
                 .collect::<Vec<_>>()
-        },
-    )
-    .watches(
-        Api::<StoragePool>::all(client.clone()),
-        wc(),
-        move |pool: StoragePool| {
+        })
+        .watches_stream(informers.pools.subscribe(), move |pool: StoragePool| {
             let name = pool.name_any();
             store
                 .state()
@@ -77,8 +68,7 @@ pub fn controller(client: &Client, config: &Config) -> Controller<StorageArea> {
                 .filter(|a| a.spec.pool_name == name)
                 .map(|a| ObjectRef::from_obj(a.as_ref()))
                 .collect::<Vec<_>>()
-        },
-    )
+        })
 }
 
 pub async fn reconcile(area: Arc<StorageArea>, ctx: Arc<Context>) -> Result<Action> {

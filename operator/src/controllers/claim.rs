@@ -33,12 +33,11 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::model::Generation;
 use tessera_api::v1alpha1::{
-    ClaimPhase, CopyPolicy, ObjectRef as ClaimRef, ReclaimTier, ReleaseRanges, RemapOperation,
+    AreaPhase, ClaimPhase, CopyPolicy, ObjectRef as ClaimRef, ReclaimTier, ReleaseRanges, RemapOperation,
     RemapOperationType, RemapPhase, RemapPolicy, StorageArea, StorageClaim, StoragePool,
     StoragePriorityClass, VirtualVolume, VirtualVolumeSpec, VolumeMapping, VolumeRange,
     VolumeRemap, VolumeRemapSpec,
@@ -51,7 +50,7 @@ use super::support::{
 };
 use super::usage::{UsageReport, allocated_extent_ranges, area_pieces, extent_states};
 use super::view::{PoolView, extent_size};
-use super::{Config, Context, CrashPoint, Error, Result, volume};
+use super::{Config, Context, CrashPoint, Error, Informers, Result, volume};
 use crate::planners::allocation::{
     AllocationError, AllocationPlan, AllocationRequest, AreaReturn, PoolSnapshot, ReclaimRules,
     Rejection, is_return_overdue, replan_excluding, select_return_ranges,
@@ -76,17 +75,13 @@ fn waiting_claims_of_pool(claims: &[Arc<StorageClaim>], pool: &str) -> Vec<Objec
         .collect()
 }
 
-pub fn controller(client: &Client, config: &Config) -> Controller<StorageClaim> {
-    let wc = watcher::Config::default;
-    let ctrl = Controller::new(Api::<StorageClaim>::all(client.clone()), wc())
-        .with_config(controller::Config::default().concurrency(config.claim_concurrency));
-    let store = ctrl.store();
+pub fn controller(informers: &Informers, config: &Config) -> Controller<StorageClaim> {
+    let store = informers.claims.store();
     let (by_pool, by_area, by_class, by_volume) =
         (store.clone(), store.clone(), store.clone(), store);
-    ctrl.watches(
-        Api::<VirtualVolume>::all(client.clone()),
-        wc(),
-        move |volume: VirtualVolume| {
+    Controller::for_stream(informers.claims.subscribe(), informers.claims.store())
+        .with_config(controller::Config::default().concurrency(config.claim_concurrency))
+        .watches_stream(informers.volumes.subscribe(), move |volume: VirtualVolume| {
             let mut refs: Vec<ObjectRef<StorageClaim>> = volume
                 .spec
                 .claim_ref
@@ -98,42 +93,32 @@ pub fn controller(client: &Client, config: &Config) -> Controller<StorageClaim> 
                 refs.extend(waiting_claims_of_pool(&by_volume.state(), &volume.spec.pool_name));
             }
             refs
-        },
-    )
-    .watches(
-        Api::<VolumeRemap>::all(client.clone()),
-        wc(),
-        |remap: VolumeRemap| {
+        })
+        .watches_stream(informers.remaps.subscribe(), |remap: VolumeRemap| {
             let labels = remap.labels();
             match (labels.get(CLAIM_NAME_LABEL), labels.get(CLAIM_NAMESPACE_LABEL)) {
                 (Some(name), Some(ns)) => Some(ObjectRef::new(name).within(ns)),
                 _ => None,
             }
-        },
-    )
-    .watches(
-        Api::<StoragePool>::all(client.clone()),
-        wc(),
-        move |pool: StoragePool| waiting_claims_of_pool(&by_pool.state(), &pool.name_any()),
-    )
-    .watches(
-        Api::<StorageArea>::all(client.clone()),
-        wc(),
-        move |area: StorageArea| waiting_claims_of_pool(&by_area.state(), &area.spec.pool_name),
-    )
-    .watches(
-        Api::<StoragePriorityClass>::all(client.clone()),
-        wc(),
-        move |class: StoragePriorityClass| {
-            let name = class.name_any();
-            by_class
-                .state()
-                .iter()
-                .filter(|c| c.spec.priority_class_name == name && is_waiting(c))
-                .map(|c| ObjectRef::from_obj(c.as_ref()))
-                .collect::<Vec<_>>()
-        },
-    )
+        })
+        .watches_stream(informers.pools.subscribe(), move |pool: StoragePool| {
+            waiting_claims_of_pool(&by_pool.state(), &pool.name_any())
+        })
+        .watches_stream(informers.areas.subscribe(), move |area: StorageArea| {
+            waiting_claims_of_pool(&by_area.state(), &area.spec.pool_name)
+        })
+        .watches_stream(
+            informers.classes.subscribe(),
+            move |class: StoragePriorityClass| {
+                let name = class.name_any();
+                by_class
+                    .state()
+                    .iter()
+                    .filter(|c| c.spec.priority_class_name == name && is_waiting(c))
+                    .map(|c| ObjectRef::from_obj(c.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
 }
 
 pub async fn reconcile(claim: Arc<StorageClaim>, ctx: Arc<Context>) -> Result<Action> {
@@ -213,6 +198,16 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
         let msg = format!("StoragePriorityClass {class_name} does not exist");
         return wait(claim, ctx, "PriorityClassNotFound", msg, ctx.config.resync).await;
     };
+    let areas = stores.areas.state();
+    let online = areas.iter().any(|a| {
+        a.spec.pool_name == pool_name
+            && a.status.as_ref().and_then(|s| s.phase) == Some(AreaPhase::Online)
+    });
+    if !online {
+        // Not a capacity verdict: the pool cannot be judged before its areas report.
+        let msg = format!("StoragePool {pool_name} has no Online area yet");
+        return wait(claim, ctx, "NoOnlineArea", msg, ctx.config.resync).await;
+    }
     let es = extent_size(&pool)?;
     let request = Request {
         class_value: class.spec.value,
@@ -276,7 +271,7 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     book.forget_cached(|v| stores.volumes.get(&ObjectRef::new(v)).is_some());
     let view = PoolView::build(
         Arc::clone(&request.pool),
-        &stores.areas.state(),
+        &areas,
         &stores.volumes.state(),
         book.reservations(pool_name),
     )?;

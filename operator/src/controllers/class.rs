@@ -9,30 +9,24 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::v1alpha1::{StorageClaim, StoragePriorityClass, VirtualVolume};
 
 use super::support::{CLASS_FINALIZER, patch_status, reference};
-use super::{Config, Context, Error, Result};
+use super::{Config, Context, Error, Informers, Result};
 
 /// Controller name in metrics.
 pub const NAME: &str = "class";
 
-pub fn controller(client: &Client, _config: &Config) -> Controller<StoragePriorityClass> {
-    let wc = watcher::Config::default;
-    Controller::new(Api::<StoragePriorityClass>::all(client.clone()), wc())
-        .watches(
-            Api::<VirtualVolume>::all(client.clone()),
-            wc(),
-            |volume: VirtualVolume| Some(ObjectRef::new(&volume.spec.priority_class_name)),
-        )
-        .watches(
-            Api::<StorageClaim>::all(client.clone()),
-            wc(),
-            |claim: StorageClaim| Some(ObjectRef::new(&claim.spec.priority_class_name)),
-        )
+pub fn controller(informers: &Informers, _config: &Config) -> Controller<StoragePriorityClass> {
+    Controller::for_stream(informers.classes.subscribe(), informers.classes.store())
+        .watches_stream(informers.volumes.subscribe(), |volume: VirtualVolume| {
+            Some(ObjectRef::new(&volume.spec.priority_class_name))
+        })
+        .watches_stream(informers.claims.subscribe(), |claim: StorageClaim| {
+            Some(ObjectRef::new(&claim.spec.priority_class_name))
+        })
 }
 
 pub async fn reconcile(class: Arc<StoragePriorityClass>, ctx: Arc<Context>) -> Result<Action> {

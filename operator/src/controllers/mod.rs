@@ -19,6 +19,7 @@ pub mod allocator;
 pub mod area;
 pub mod claim;
 pub mod class;
+pub mod informer;
 pub mod pool;
 pub mod remap;
 pub mod support;
@@ -44,6 +45,7 @@ use tessera_api::v1alpha1::{
 use tokio::sync::watch;
 
 use crate::leader::{LeaderConfig, LeaderElection};
+use informer::Informer;
 use crate::metrics::{Health, Metrics};
 use crate::planners::charging::ChargingError;
 use crate::planners::placement::ToExtentMapError;
@@ -125,6 +127,10 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// The cached object was older than the stored one (the finalizer helper's JSON patch
+    /// `test` failed); retried at once with the fresh object.
+    #[error("stale object: {0}")]
+    Stale(String),
     /// A deletion the object's finalizer refuses for now (an area with allocated extents, a
     /// class in use, an attached volume …); retried after `blocked_retry`.
     #[error("{0}")]
@@ -162,6 +168,7 @@ impl Error {
             Error::Kube(kube::Error::Api(e)) if e.code == 409 => "conflict",
             Error::Kube(_) => "kube",
             Error::Finalizer(_) => "finalizer",
+            Error::Stale(_) => "conflict",
             Error::Blocked(_) => "blocked",
             Error::NotSynced(_) => "not_synced",
             Error::MissingField(_) => "missing_field",
@@ -178,12 +185,19 @@ impl Error {
     pub fn from_finalizer(e: finalizer::Error<Error>) -> Self {
         match e {
             finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            finalizer::Error::AddFinalizer(kube::Error::Api(ref api))
+            | finalizer::Error::RemoveFinalizer(kube::Error::Api(ref api))
+                if api.code == 422 || api.code == 409 =>
+            {
+                Error::Stale(e.to_string())
+            }
             other => Error::Finalizer(other.to_string()),
         }
     }
 
     fn is_conflict(&self) -> bool {
         matches!(self, Error::Kube(kube::Error::Api(e)) if e.code == 409)
+            || matches!(self, Error::Stale(_))
     }
 }
 
@@ -229,6 +243,16 @@ impl Stores {
         synced.send_replace(true);
         Ok(())
     }
+}
+
+/// One shared watch per kind (see [`informer`]).
+pub struct Informers {
+    pub pools: Informer<StoragePool>,
+    pub areas: Informer<StorageArea>,
+    pub classes: Informer<StoragePriorityClass>,
+    pub claims: Informer<StorageClaim>,
+    pub volumes: Informer<VirtualVolume>,
+    pub remaps: Informer<VolumeRemap>,
 }
 
 /// Shared by every reconcile (the controller-rs `Context`).
@@ -389,22 +413,38 @@ async fn run_controllers(
     health: Arc<Health>,
     crash: Arc<watch::Sender<Option<CrashPoint>>>,
 ) {
-    let areas = area::controller(&client, &config);
-    let pools = pool::controller(&client, &config);
-    let classes = class::controller(&client, &config);
-    let claims = claim::controller(&client, &config);
-    let volumes = volume::controller(&client, &config);
-    let remaps = remap::controller(&client, &config);
+    let mut informers = Informers {
+        pools: Informer::new(&client),
+        areas: Informer::new(&client),
+        classes: Informer::new(&client),
+        claims: Informer::new(&client),
+        volumes: Informer::new(&client),
+        remaps: Informer::new(&client),
+    };
+    let areas = area::controller(&informers, &config);
+    let pools = pool::controller(&informers, &config);
+    let classes = class::controller(&informers, &config);
+    let claims = claim::controller(&informers, &config);
+    let volumes = volume::controller(&informers, &config);
+    let remaps = remap::controller(&informers, &config);
     let (synced_tx, synced_rx) = watch::channel(false);
     let stores = Stores {
-        pools: pools.store(),
-        areas: areas.store(),
-        classes: classes.store(),
-        claims: claims.store(),
-        volumes: volumes.store(),
-        remaps: remaps.store(),
+        pools: informers.pools.store(),
+        areas: informers.areas.store(),
+        classes: informers.classes.store(),
+        claims: informers.claims.store(),
+        volumes: informers.volumes.store(),
+        remaps: informers.remaps.store(),
         synced: synced_rx,
     };
+    let watches = futures::future::join_all([
+        informers.pools.take_driver(),
+        informers.areas.take_driver(),
+        informers.classes.take_driver(),
+        informers.claims.take_driver(),
+        informers.volumes.take_driver(),
+        informers.remaps.take_driver(),
+    ]);
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -431,6 +471,7 @@ async fn run_controllers(
         }
     };
     tokio::join!(
+        watches,
         synced,
         areas
             .run(area::reconcile, area::error_policy, ctx.clone())

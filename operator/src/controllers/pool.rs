@@ -20,8 +20,7 @@ use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::v1alpha1::{
     ClaimPhase, StorageArea, StorageClaim, StoragePool, VirtualVolume,
@@ -29,7 +28,7 @@ use tessera_api::v1alpha1::{
 
 use super::support::{POOL_FINALIZER, patch_status, reference, set_condition};
 use super::view::PoolView;
-use super::{Config, Context, Error, Result};
+use super::{Config, Context, Error, Informers, Result};
 use crate::planners::allocation::Rejection;
 
 /// Controller name in metrics.
@@ -49,25 +48,18 @@ pub const STATES: [&str; 7] = [
 /// The phases of `tessera_pool_claims`.
 pub const PHASES: [&str; 4] = ["Pending", "Reclaiming", "Bound", "Rejected"];
 
-pub fn controller(client: &Client, config: &Config) -> Controller<StoragePool> {
-    let wc = watcher::Config::default;
-    Controller::new(Api::<StoragePool>::all(client.clone()), wc())
+pub fn controller(informers: &Informers, config: &Config) -> Controller<StoragePool> {
+    Controller::for_stream(informers.pools.subscribe(), informers.pools.store())
         .with_config(controller::Config::default().debounce(config.aggregate_debounce))
-        .watches(
-            Api::<StorageArea>::all(client.clone()),
-            wc(),
-            |area: StorageArea| Some(ObjectRef::new(&area.spec.pool_name)),
-        )
-        .watches(
-            Api::<VirtualVolume>::all(client.clone()),
-            wc(),
-            |volume: VirtualVolume| Some(ObjectRef::new(&volume.spec.pool_name)),
-        )
-        .watches(
-            Api::<StorageClaim>::all(client.clone()),
-            wc(),
-            |claim: StorageClaim| Some(ObjectRef::new(&claim.spec.pool_name)),
-        )
+        .watches_stream(informers.areas.subscribe(), |area: StorageArea| {
+            Some(ObjectRef::new(&area.spec.pool_name))
+        })
+        .watches_stream(informers.volumes.subscribe(), |volume: VirtualVolume| {
+            Some(ObjectRef::new(&volume.spec.pool_name))
+        })
+        .watches_stream(informers.claims.subscribe(), |claim: StorageClaim| {
+            Some(ObjectRef::new(&claim.spec.pool_name))
+        })
 }
 
 pub async fn reconcile(pool: Arc<StoragePool>, ctx: Arc<Context>) -> Result<Action> {

@@ -23,8 +23,7 @@ use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::model::Edit;
 use tessera_api::v1alpha1::{
@@ -34,21 +33,18 @@ use tessera_api::v1alpha1::{
 use super::support::{claim_reference_from_labels, human_bytes, now, patch_status, reference};
 use super::usage::{UsageReport, extent_states};
 use super::view::{attached_nodes, extent_size, is_attached};
-use super::{Config, Context, CrashPoint, Error, Result};
+use super::{Config, Context, CrashPoint, Error, Informers, Result};
 use crate::planners::allocation::recheck_under_hold;
 use crate::planners::{ExtentRange, total_len};
 
 /// Controller name in metrics.
 pub const NAME: &str = "remap";
 
-pub fn controller(client: &Client, _config: &Config) -> Controller<VolumeRemap> {
-    let wc = watcher::Config::default;
-    let ctrl = Controller::new(Api::<VolumeRemap>::all(client.clone()), wc());
-    let store = ctrl.store();
+pub fn controller(informers: &Informers, _config: &Config) -> Controller<VolumeRemap> {
+    let store = informers.remaps.store();
     // A volume that becomes unattached (or gets its mapping) may unblock its pending remaps.
-    ctrl.watches(
-        Api::<VirtualVolume>::all(client.clone()),
-        wc(),
+    Controller::for_stream(informers.remaps.subscribe(), informers.remaps.store()).watches_stream(
+        informers.volumes.subscribe(),
         move |volume: VirtualVolume| {
             let name = volume.name_any();
             store

@@ -252,7 +252,8 @@ mod tests {
             .written(0..2, true)
             .written(2..3, false)
             .written(4..5, false);
-        let states = extent_states(&mapping(), 8 * ES, Some(&report));
+        let mapping = mapping();
+        let states = extent_states(&mapping, 8 * ES, Some(&report));
         use ExtentState::*;
         assert_eq!(
             states,
@@ -261,10 +262,10 @@ mod tests {
         let usage = usage_of(&states);
         assert_eq!((usage.allocated(), usage.in_use(), usage.high_priority()), (6, 3, 2));
         assert_eq!(
-            allocated_extent_ranges(&mapping()),
+            allocated_extent_ranges(&mapping),
             vec![ExtentRange::new(0, 4), ExtentRange::new(6, 2)]
         );
-        let pieces: Vec<_> = area_pieces(&mapping()).collect();
+        let pieces: Vec<_> = area_pieces(&mapping).collect();
         assert_eq!(pieces, vec![("a", ExtentRange::new(8, 4)), ("b", ExtentRange::new(0, 2))]);
     }
 }

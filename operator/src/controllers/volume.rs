@@ -25,8 +25,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
-use kube::{Client, ResourceExt};
+use kube::ResourceExt;
 use serde_json::{Value, json};
 use tessera_api::v1alpha1::{
     AreaPhase, AttachmentState, StorageArea, StoragePool, VirtualVolume, VolumeCharge,
@@ -39,7 +38,7 @@ use super::support::{
 };
 use super::usage::{UsageReport, area_pieces, extent_states, usage_of};
 use super::view::{attached_nodes, extent_size, is_attached, planned_mapping};
-use super::{Config, Context, Error, Result};
+use super::{Config, Context, Error, Informers, Result};
 use crate::planners::charging::{Amount, Rates, StoredBytes, accrue, settle_final};
 
 /// Controller name in metrics.
@@ -52,20 +51,13 @@ fn areas_of(volume: &VirtualVolume) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-pub fn controller(client: &Client, _config: &Config) -> Controller<VirtualVolume> {
-    let wc = watcher::Config::default;
-    let ctrl = Controller::new(Api::<VirtualVolume>::all(client.clone()), wc());
-    let store = ctrl.store();
-    let (by_area, by_pool) = (store.clone(), store);
-    ctrl.watches(
-        Api::<VolumeRemap>::all(client.clone()),
-        wc(),
-        |remap: VolumeRemap| Some(ObjectRef::new(&remap.spec.volume_name)),
-    )
-    .watches(
-        Api::<StorageArea>::all(client.clone()),
-        wc(),
-        move |area: StorageArea| {
+pub fn controller(informers: &Informers, _config: &Config) -> Controller<VirtualVolume> {
+    let (by_area, by_pool) = (informers.volumes.store(), informers.volumes.store());
+    Controller::for_stream(informers.volumes.subscribe(), informers.volumes.store())
+        .watches_stream(informers.remaps.subscribe(), |remap: VolumeRemap| {
+            Some(ObjectRef::new(&remap.spec.volume_name))
+        })
+        .watches_stream(informers.areas.subscribe(), move |area: StorageArea| {
             let name = area.name_any();
             by_area
                 .state()
@@ -73,12 +65,8 @@ pub fn controller(client: &Client, _config: &Config) -> Controller<VirtualVolume
                 .filter(|v| areas_of(v).contains(&name))
                 .map(|v| ObjectRef::from_obj(v.as_ref()))
                 .collect::<Vec<_>>()
-        },
-    )
-    .watches(
-        Api::<StoragePool>::all(client.clone()),
-        wc(),
-        move |pool: StoragePool| {
+        })
+        .watches_stream(informers.pools.subscribe(), move |pool: StoragePool| {
             let name = pool.name_any();
             by_pool
                 .state()
@@ -86,8 +74,7 @@ pub fn controller(client: &Client, _config: &Config) -> Controller<VirtualVolume
                 .filter(|v| v.spec.pool_name == name)
                 .map(|v| ObjectRef::from_obj(v.as_ref()))
                 .collect::<Vec<_>>()
-        },
-    )
+        })
 }
 
 pub async fn reconcile(volume: Arc<VirtualVolume>, ctx: Arc<Context>) -> Result<Action> {

@@ -152,6 +152,15 @@ impl Cluster {
             .expect("area created");
         self.node_reports_area(name, extents * ES, AreaPhase::Online)
             .await;
+        // The operator has seen it Online (needs a running operator).
+        wait_for(&self.api::<StorageArea>(), name, "Ready", |a: &StorageArea| {
+            a.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            })
+        })
+        .await;
     }
 
     /// What a node agent writes on its area.
