@@ -8,16 +8,14 @@
 //! Implementations:
 //! - [`LocalArea`] — a file or block device on this node: positioned I/O, `O_DIRECT` for
 //!   4096-aligned pieces, on a blocking thread pool or on io_uring ([`local`]).
-//! - **Remote (slot, not implemented here).** An area owned by another node is reached through
-//!   that node's extent server over NBD (seed 001's agent; seed 002 §4.4 S606–S615 [0114]–[0118]:
-//!   the request is forwarded to the owner, which translates and serves it). The remote backend
-//!   will be a `RemoteArea` built on the `tessera-nbd` pooled client and implement this trait
-//!   one-to-one: `read` → `NBD_CMD_READ`, `write` → `NBD_CMD_WRITE` (with `NBD_CMD_FLAG_FUA`),
-//!   `write_zeroes` → `NBD_CMD_WRITE_ZEROES`, `trim` → `NBD_CMD_TRIM`, `flush` →
-//!   `NBD_CMD_FLUSH`. The generation travels with the request (the export is opened per
-//!   `(volume, generation)`), and the extent server refuses I/O for another generation, which the
-//!   client reports as [`BackendError::StaleGeneration`]. Nothing in the engine changes when it
-//!   is added: register it in the [`AreaRegistry`] under the area's name.
+//! - [`remote::RemoteArea`] — an area owned by another node, reached through that node's extent
+//!   server over NBD (seed 001's agent; seed 002 §4.4 S606–S615 [0114]–[0118]: the request is
+//!   forwarded to the owner) on the `tessera-nbd` pooled, pipelined client. Each method maps to one
+//!   NBD command. NBD has no field for the generation, so the generation is enforced by the
+//!   extent server's authorization table (grants per peer, volume and generation), not per
+//!   request: a request outside the current grant fails with EPERM, which the engine sees as a
+//!   replica failure rather than [`BackendError::StaleGeneration`] — a known gap until the I/O
+//!   gate and remap protocol carry generations to peers.
 //! - [`fault::FaultyArea`] — a wrapper that fails on demand (tests, drills).
 //!
 //! Futures are boxed ([`BackendFuture`]) so that the engine can hold `Arc<dyn AreaBackend>` of any

@@ -577,15 +577,17 @@ impl FuseLoopState {
             .arg(&device)
             .output()
             .map_err(|e| FrontendError::io(format!("run {} -d", self.losetup.display()), e))?;
-        if !output.status.success() {
+        let backing = device
+            .file_name()
+            .map(|n| Path::new("/sys/block").join(n).join("loop/backing_file"));
+        // A device someone else already detached is as good as detached by us.
+        let unbound = backing.as_ref().is_some_and(|b| !b.exists());
+        if !output.status.success() && !unbound {
             return Err(command_error(&self.losetup, &["-d"], &output));
         }
         // `losetup -d` only sets autoclear while the device is open (a mounted file system, a
         // reader); the file is released when the last opener closes. Unmounting FUSE before that
         // would fail with EBUSY, so wait for the release (bounded).
-        let backing = device
-            .file_name()
-            .map(|n| Path::new("/sys/block").join(n).join("loop/backing_file"));
         if let Some(backing) = backing {
             let deadline = Instant::now() + RELEASE_TIMEOUT;
             while backing.exists() && Instant::now() < deadline {
