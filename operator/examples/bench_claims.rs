@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
             }))?,
         )
         .await?;
-    let per_area = (claims as i64 * GIB).div_ceil(AREAS as i64) + 16 * GIB;
+    let per_area = (claims as i64 * GIB) / AREAS as i64 + 16 * GIB;
     let areas: Api<StorageArea> = Api::all(client.clone());
     for i in 0..AREAS {
         let name = format!("area-{i}");
@@ -202,12 +202,41 @@ async fn main() -> anyhow::Result<()> {
         .filter_map(|(name, at)| created.get(name).map(|c| at.saturating_duration_since(*c)))
         .collect();
     latencies.sort_unstable();
+    // The pool status is debounced; wait for it to add up.
+    let want = claims as i64 * GIB;
+    let pool = loop {
+        let pool = pools.get("bench").await?.status.unwrap_or_default();
+        if pool.allocated_bytes == want {
+            break pool;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "pool counters never added up: {pool:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let counted = start.elapsed();
+    // Every area extent belongs to at most one volume.
     let volumes = Api::<VirtualVolume>::all(client.clone())
         .list(&ListParams::default())
         .await?
-        .items
-        .len();
-    let pool = pools.get("bench").await?.status.unwrap_or_default();
+        .items;
+    let mut owner: HashMap<(String, i64), String> = HashMap::new();
+    for v in &volumes {
+        let mapping = v
+            .status
+            .as_ref()
+            .and_then(|s| s.mapping.clone())
+            .ok_or_else(|| anyhow::anyhow!("{} has no mapping", v.name_any()))?;
+        for run in &mapping.extents {
+            for r in &run.replicas {
+                for e in 0..run.length / mapping.extent_size_bytes {
+                    let key = (r.area.clone(), r.area_offset / mapping.extent_size_bytes + e);
+                    if let Some(other) = owner.insert(key.clone(), v.name_any()) {
+                        anyhow::bail!("{key:?} is mapped by {other} and {}", v.name_any());
+                    }
+                }
+            }
+        }
+    }
+    let volumes = volumes.len();
 
     println!("claims                      {claims}");
     println!("creating them took          {:.2} s", creating.as_secs_f64());
@@ -237,10 +266,12 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("virtual volumes             {volumes}");
     println!(
-        "pool allocated              {} GiB of {} GiB (status may trail by the debounce)",
+        "pool counters added up at   {:.2} s ({} GiB allocated of {} GiB; status is debounced)",
+        counted.as_secs_f64(),
         pool.allocated_bytes / GIB,
         pool.total_bytes / GIB
     );
+    println!("extents mapped twice        0 (checked {} extents)", owner.len());
     let _ = stop.send(());
     let _ = running.await;
     server.shutdown().await;
