@@ -18,9 +18,9 @@ use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::v1alpha1::*;
 use tessera_apiserver::ApiServer;
@@ -122,7 +122,11 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let pool = pools.get("bench").await?;
-        if pool.status.as_ref().is_some_and(|s| s.online_areas == AREAS as i32) {
+        if pool
+            .status
+            .as_ref()
+            .is_some_and(|s| s.online_areas == AREAS as i32)
+        {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "areas never came online");
@@ -209,7 +213,10 @@ async fn main() -> anyhow::Result<()> {
         if pool.allocated_bytes == want {
             break pool;
         }
-        anyhow::ensure!(Instant::now() < deadline, "pool counters never added up: {pool:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pool counters never added up: {pool:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     let counted = start.elapsed();
@@ -228,7 +235,10 @@ async fn main() -> anyhow::Result<()> {
         for run in &mapping.extents {
             for r in &run.replicas {
                 for e in 0..run.length / mapping.extent_size_bytes {
-                    let key = (r.area.clone(), r.area_offset / mapping.extent_size_bytes + e);
+                    let key = (
+                        r.area.clone(),
+                        r.area_offset / mapping.extent_size_bytes + e,
+                    );
                     if let Some(other) = owner.insert(key.clone(), v.name_any()) {
                         anyhow::bail!("{key:?} is mapped by {other} and {}", v.name_any());
                     }
@@ -239,7 +249,10 @@ async fn main() -> anyhow::Result<()> {
     let volumes = volumes.len();
 
     println!("claims                      {claims}");
-    println!("creating them took          {:.2} s", creating.as_secs_f64());
+    println!(
+        "creating them took          {:.2} s",
+        creating.as_secs_f64()
+    );
     println!("all Bound after             {:.2} s", total.as_secs_f64());
     println!(
         "throughput                  {:.0} claims/s",
@@ -271,7 +284,10 @@ async fn main() -> anyhow::Result<()> {
         pool.allocated_bytes / GIB,
         pool.total_bytes / GIB
     );
-    println!("extents mapped twice        0 (checked {} extents)", owner.len());
+    println!(
+        "extents mapped twice        0 (checked {} extents)",
+        owner.len()
+    );
     let _ = stop.send(());
     let _ = running.await;
     server.shutdown().await;

@@ -287,9 +287,7 @@ impl Elector {
                 Some(Self::now())
             },
             renew_time: Some(Self::now()),
-            lease_transitions: Some(
-                spec.lease_transitions.unwrap_or(0) + i32::from(!held_by_me),
-            ),
+            lease_transitions: Some(spec.lease_transitions.unwrap_or(0) + i32::from(!held_by_me)),
             ..spec
         });
         // `replace` sends the resourceVersion we read: a concurrent writer makes it a 409.

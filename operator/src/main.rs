@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "tessera-operator", version, about = "The tessera storage operator")]
+#[command(
+    name = "tessera-operator",
+    version,
+    about = "The tessera storage operator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -381,8 +381,8 @@ async fn serve_ready(State(state): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-/// Serves the endpoints on `addr` until `shutdown` completes. Returns the bound address through
-/// `bound` (useful with port 0).
+/// Serves the endpoints on `addr` until `shutdown` completes. Returns the bound address (useful
+/// with port 0) and the server task.
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,

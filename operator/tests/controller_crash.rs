@@ -35,9 +35,13 @@ async fn crash_and_restart_at(point: CrashPoint) {
     cluster.create_class("standard", 0, DataPriority::Low).await;
     cluster.create_pool("pool", json!({})).await;
     cluster.create_area("area-a", "node-a", "pool", 1_000).await;
-    cluster.create_claim("victim", "pool", 999, "standard").await;
+    cluster
+        .create_claim("victim", "pool", 999, "standard")
+        .await;
     let (_, victim) = cluster.bound("victim").await;
-    cluster.report_usage(&victim.name_any(), &[(0..400, false)]).await;
+    cluster
+        .report_usage(&victim.name_any(), &[(0..400, false)])
+        .await;
     setup.stop().await;
 
     let doomed = cluster.spawn(Cluster::with_crash(cluster.config("operator-0"), point));
@@ -49,7 +53,11 @@ async fn crash_and_restart_at(point: CrashPoint) {
     assert_eq!(claim_now.uid(), claim.uid());
 
     // Exactly one volume for the claim, with the claim's size.
-    let volumes = cluster.api::<VirtualVolume>().list(&ListParams::default()).await.unwrap();
+    let volumes = cluster
+        .api::<VirtualVolume>()
+        .list(&ListParams::default())
+        .await
+        .unwrap();
     let owned: Vec<&VirtualVolume> = volumes
         .items
         .iter()
@@ -57,16 +65,22 @@ async fn crash_and_restart_at(point: CrashPoint) {
         .collect();
     assert_eq!(owned.len(), 1, "{point:?}: {owned:#?}");
     assert_eq!(owned[0].name_any(), volume.name_any());
-    let volume = wait_for(&cluster.api::<VirtualVolume>(), &volume.name_any(), "counted", |v| {
-        usage_extents(v).0 == 500
-    })
+    let volume = wait_for(
+        &cluster.api::<VirtualVolume>(),
+        &volume.name_any(),
+        "counted",
+        |v| usage_extents(v).0 == 500,
+    )
     .await;
     assert_eq!(generation(&volume), 1, "{point:?}");
 
     // Exactly one area return, applied once: the victim lost 500 unused extents, kept its data.
     let remaps = cluster
         .api::<VolumeRemap>()
-        .list(&ListParams::default().labels(&format!("tessera.io/claim-uid={}", claim.uid().unwrap())))
+        .list(
+            &ListParams::default()
+                .labels(&format!("tessera.io/claim-uid={}", claim.uid().unwrap())),
+        )
         .await
         .unwrap();
     assert_eq!(remaps.items.len(), 1, "{point:?}: {:#?}", remaps.items);
@@ -74,9 +88,12 @@ async fn crash_and_restart_at(point: CrashPoint) {
         remaps.items[0].status.as_ref().and_then(|s| s.phase),
         Some(RemapPhase::Succeeded)
     );
-    let victim = wait_for(&cluster.api::<VirtualVolume>(), &victim.name_any(), "counted", |v| {
-        usage_extents(v).0 == 500
-    })
+    let victim = wait_for(
+        &cluster.api::<VirtualVolume>(),
+        &victim.name_any(),
+        "counted",
+        |v| usage_extents(v).0 == 500,
+    )
     .await;
     assert_eq!(usage_extents(&victim), (500, 400, 0), "{point:?}");
     assert_eq!(generation(&victim), 2, "{point:?}: released exactly once");

@@ -75,7 +75,12 @@ async fn only_the_leader_acts_and_a_standby_takes_over() {
     assert_eq!(reporters(&cluster).await, ["replica-a"]);
     assert_eq!(holder(&cluster).await.as_deref(), Some("replica-a"));
     assert!(first.metrics.encode().contains("tessera_operator_leader 1"));
-    assert!(second.metrics.encode().contains("tessera_operator_leader 0"));
+    assert!(
+        second
+            .metrics
+            .encode()
+            .contains("tessera_operator_leader 0")
+    );
 
     // A graceful stop releases the Lease: the standby takes over without waiting for expiry.
     let stopped = Instant::now();

@@ -8,9 +8,7 @@ use controller_support::*;
 use kube::ResourceExt;
 use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::json;
-use tessera_api::v1alpha1::{
-    ClaimPhase, DataPriority, StorageClaim, VirtualVolume, VolumeRemap,
-};
+use tessera_api::v1alpha1::{ClaimPhase, DataPriority, StorageClaim, VirtualVolume, VolumeRemap};
 
 /// A pool holding only VAREA01 in the [0025] state: U = 1, F = 50000, L = 10000. (One spare
 /// block: under Strict admission a first claim exactly the size of an empty pool is refused.)
@@ -19,7 +17,9 @@ async fn varea01_pool(cluster: &Cluster) -> VirtualVolume {
         .create_class("standard", 0, DataPriority::High)
         .await;
     cluster.create_pool("pool", json!({})).await;
-    cluster.create_area("area-a", "node-a", "pool", 100_001).await;
+    cluster
+        .create_area("area-a", "node-a", "pool", 100_001)
+        .await;
     cluster
         .create_claim("varea01", "pool", 100_000, "standard")
         .await;
@@ -33,7 +33,11 @@ async fn varea01_pool(cluster: &Cluster) -> VirtualVolume {
     cluster
         .pool_where("pool", "accounted", |s| s.in_use_bytes == 50_000 * ES)
         .await;
-    cluster.api::<VirtualVolume>().get(&volume.name_any()).await.unwrap()
+    cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap()
 }
 
 async fn rejected(cluster: &Cluster, name: &str) -> StorageClaim {
@@ -89,7 +93,10 @@ async fn unsatisfiable_claims_are_rejected_and_nothing_changes() {
         .unwrap();
     assert_eq!(volumes.items.len(), 1);
     let now = &volumes.items[0];
-    assert_eq!(now.status.as_ref().unwrap().mapping, varea01.status.as_ref().unwrap().mapping);
+    assert_eq!(
+        now.status.as_ref().unwrap().mapping,
+        varea01.status.as_ref().unwrap().mapping
+    );
     assert_eq!(usage_extents(now), (100_000, 50_000, 40_000));
     let pool_after = cluster
         .pool_where("pool", "exhausted", |s| {
@@ -103,7 +110,10 @@ async fn unsatisfiable_claims_are_rejected_and_nothing_changes() {
         (pool_before.allocated_bytes, pool_after.allocated_bytes),
         (pool_before.unallocated_bytes, pool_after.unallocated_bytes),
         (pool_before.in_use_bytes, pool_after.in_use_bytes),
-        (pool_before.high_priority_bytes, pool_after.high_priority_bytes),
+        (
+            pool_before.high_priority_bytes,
+            pool_after.high_priority_bytes,
+        ),
     ] {
         assert_eq!(before, after);
     }
@@ -129,9 +139,15 @@ async fn attached_victims_are_skipped_with_a_warning() {
         )
         .await
         .unwrap();
-    wait_for(&cluster.api::<VirtualVolume>(), &varea01.name_any(), "Attached", |v: &VirtualVolume| {
-        v.status.as_ref().and_then(|s| s.phase) == Some(tessera_api::v1alpha1::VolumePhase::Attached)
-    })
+    wait_for(
+        &cluster.api::<VirtualVolume>(),
+        &varea01.name_any(),
+        "Attached",
+        |v: &VirtualVolume| {
+            v.status.as_ref().and_then(|s| s.phase)
+                == Some(tessera_api::v1alpha1::VolumePhase::Attached)
+        },
+    )
     .await;
 
     // 30000 would come from VAREA01's unused blocks, but VAREA01 is attached.
@@ -140,7 +156,10 @@ async fn attached_victims_are_skipped_with_a_warning() {
         .await;
     let claim = rejected(&cluster, "wants-space").await;
     let message = claim.status.unwrap().message.unwrap();
-    assert!(message.contains("attached") && message.contains(&varea01.name_any()), "{message}");
+    assert!(
+        message.contains("attached") && message.contains(&varea01.name_any()),
+        "{message}"
+    );
     let warning = cluster.event("wants-space", "VictimSkipped").await;
     assert!(
         warning.contains(&varea01.name_any()) && warning.contains("node-a"),
@@ -155,7 +174,11 @@ async fn attached_victims_are_skipped_with_a_warning() {
             .items
             .is_empty()
     );
-    let now = cluster.api::<VirtualVolume>().get(&varea01.name_any()).await.unwrap();
+    let now = cluster
+        .api::<VirtualVolume>()
+        .get(&varea01.name_any())
+        .await
+        .unwrap();
     assert_eq!(generation(&now), 1);
     operator.stop().await;
 }

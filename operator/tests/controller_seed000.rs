@@ -27,8 +27,12 @@ async fn seed000_reclaim_story_victims_shrink_in_fig7_order() {
         .create_class("standard", 0, DataPriority::High)
         .await;
     cluster.create_pool("pool", json!({})).await;
-    cluster.create_area("area-a", "node-a", "pool", 100_000).await;
-    cluster.create_area("area-b", "node-b", "pool", 30_000).await;
+    cluster
+        .create_area("area-a", "node-a", "pool", 100_000)
+        .await;
+    cluster
+        .create_area("area-b", "node-b", "pool", 30_000)
+        .await;
 
     // Two servers' virtual areas fill the pool.
     cluster
@@ -66,10 +70,10 @@ async fn seed000_reclaim_story_victims_shrink_in_fig7_order() {
     // LowPriority / its last 5000 blocks.
     let mut remaps = cluster
         .api::<VolumeRemap>()
-        .list(&ListParams::default().labels(&format!(
-            "tessera.io/claim-uid={}",
-            claim.uid().unwrap()
-        )))
+        .list(
+            &ListParams::default()
+                .labels(&format!("tessera.io/claim-uid={}", claim.uid().unwrap())),
+        )
         .await
         .unwrap()
         .items;
@@ -112,6 +116,10 @@ async fn seed000_reclaim_story_victims_shrink_in_fig7_order() {
     let volumes = cluster.api::<VirtualVolume>();
     let varea01 = wait_for(&volumes, &v1, "recounted", |v| usage_extents(v).0 == 50_000).await;
     let varea02 = wait_for(&volumes, &v2, "recounted", |v| usage_extents(v).0 == 25_000).await;
+    let srv02 = wait_for(&volumes, &srv02.name_any(), "counted", |v| {
+        usage_extents(v).0 == 55_000
+    })
+    .await;
     assert_eq!(usage_extents(&varea01), (50_000, 50_000, 40_000));
     assert_eq!(usage_extents(&varea02), (25_000, 25_000, 0));
     assert_eq!((generation(&varea01), generation(&varea02)), (2, 2));
@@ -126,7 +134,10 @@ async fn seed000_reclaim_story_victims_shrink_in_fig7_order() {
             s.allocated_bytes == 130_000 * ES && s.in_use_bytes == 75_000 * ES
         })
         .await;
-    assert_eq!(after.total_bytes, after.allocated_bytes + after.unallocated_bytes);
+    assert_eq!(
+        after.total_bytes,
+        after.allocated_bytes + after.unallocated_bytes
+    );
     assert_eq!(after.unallocated_bytes, 0);
     assert_eq!(after.high_priority_bytes, 40_000 * ES);
     assert_eq!(after.unused_bytes, 55_000 * ES);
@@ -138,7 +149,11 @@ async fn seed000_reclaim_story_victims_shrink_in_fig7_order() {
         .fold((0, 0, 0), |a, u| (a.0 + u.0, a.1 + u.1, a.2 + u.2));
     assert_eq!(
         (sums.0 * ES, sums.1 * ES, sums.2 * ES),
-        (after.allocated_bytes, after.in_use_bytes, after.high_priority_bytes)
+        (
+            after.allocated_bytes,
+            after.in_use_bytes,
+            after.high_priority_bytes
+        )
     );
 
     // The events tell the story.
@@ -159,14 +174,25 @@ async fn seed000_reclaim_story_victims_shrink_in_fig7_order() {
         "{story:#?}"
     );
     assert!(story[0].2.contains("C3LowPriority"), "{}", story[0].2);
-    assert!(story[1].2.contains(&v1) && story[1].2.contains("50000 extents") && story[1].2.contains("Unused"));
-    assert!(story[3].2.contains(&v2) && story[3].2.contains("5000 extents") && story[3].2.contains("LowPriority"));
+    assert!(
+        story[1].2.contains(&v1)
+            && story[1].2.contains("50000 extents")
+            && story[1].2.contains("Unused")
+    );
+    assert!(
+        story[3].2.contains(&v2)
+            && story[3].2.contains("5000 extents")
+            && story[3].2.contains("LowPriority")
+    );
     assert_eq!(story[4].0, "Warning");
     assert!(story[6].2.contains(&srv02.name_any()));
     assert_eq!(operator.metrics.reclaim_returns("pool", "Unused"), 1);
     assert_eq!(operator.metrics.reclaim_returns("pool", "LowPriority"), 1);
     let metrics = operator.metrics.encode();
-    assert!(metrics.contains(r#"tessera_reclaim_bytes_total{pool="pool",tier="Unused"} 3276800000"#), "{metrics}");
+    assert!(
+        metrics.contains(r#"tessera_reclaim_bytes_total{pool="pool",tier="Unused"} 3276800000"#),
+        "{metrics}"
+    );
 
     // The pool is no longer reclaiming.
     cluster

@@ -15,12 +15,12 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::v1alpha1::{AreaPhase, StorageArea, StoragePool, VirtualVolume};
 
@@ -45,21 +45,24 @@ pub fn controller(informers: &Informers, config: &Config) -> Controller<StorageA
     let previous: Arc<Mutex<HashMap<String, BTreeSet<String>>>> = Arc::default();
     Controller::for_stream(informers.areas.subscribe(), informers.areas.store())
         .with_config(controller::Config::default().debounce(config.aggregate_debounce))
-        .watches_stream(informers.volumes.subscribe(), move |volume: VirtualVolume| {
-            let now = areas_of(&volume);
-            let mut previous = previous.lock().unwrap_or_else(|e| e.into_inner());
-            let before = if volume.metadata.deletion_timestamp.is_some() {
-                previous.remove(&volume.name_any())
-            } else {
-                previous.insert(volume.name_any(), now.clone())
-            };
-            now.into_iter()
-                .chain(before.unwrap_or_default())
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .map(|a| ObjectRef::new(&a))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(
+            informers.volumes.subscribe(),
+            move |volume: VirtualVolume| {
+                let now = areas_of(&volume);
+                let mut previous = previous.lock().unwrap_or_else(|e| e.into_inner());
+                let before = if volume.metadata.deletion_timestamp.is_some() {
+                    previous.remove(&volume.name_any())
+                } else {
+                    previous.insert(volume.name_any(), now.clone())
+                };
+                now.into_iter()
+                    .chain(before.unwrap_or_default())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .map(|a| ObjectRef::new(&a))
+                    .collect::<Vec<_>>()
+            },
+        )
         .watches_stream(informers.pools.subscribe(), move |pool: StoragePool| {
             let name = pool.name_any();
             store
@@ -92,11 +95,7 @@ pub fn error_policy(_area: Arc<StorageArea>, error: &Error, ctx: Arc<Context>) -
 /// Extents of `area` the pool's volumes (and this process's reservations) use, with the
 /// volumes that hold them.
 async fn usage_of_area(ctx: &Context, area: &StorageArea) -> Result<Option<(u64, Vec<String>)>> {
-    let Some(pool) = ctx
-        .stores
-        .pools
-        .get(&ObjectRef::new(&area.spec.pool_name))
-    else {
+    let Some(pool) = ctx.stores.pools.get(&ObjectRef::new(&area.spec.pool_name)) else {
         return Ok(None);
     };
     let name = area.name_any();
@@ -126,11 +125,10 @@ async fn apply(area: &StorageArea, ctx: &Context) -> Result<Action> {
     let name = area.name_any();
     let status = area.status.clone().unwrap_or_default();
     let generation = area.metadata.generation;
-    let pool = ctx
-        .stores
-        .pools
-        .get(&ObjectRef::new(&area.spec.pool_name));
-    let allocated = usage_of_area(ctx, area).await?.map(|(bytes, _)| bytes as i64);
+    let pool = ctx.stores.pools.get(&ObjectRef::new(&area.spec.pool_name));
+    let allocated = usage_of_area(ctx, area)
+        .await?
+        .map(|(bytes, _)| bytes as i64);
 
     // Heartbeats (seed 002 [0108]).
     let now = super::support::now().as_second();
@@ -160,17 +158,17 @@ async fn apply(area: &StorageArea, ctx: &Context) -> Result<Action> {
             event = Some((
                 EventType::Normal,
                 "HeartbeatResumed",
-                format!("node {} heartbeats again; area is Online", area.spec.node_name),
+                format!(
+                    "node {} heartbeats again; area is Online",
+                    area.spec.node_name
+                ),
             ));
         }
         _ => {}
     }
 
     // Validation against the pool and readiness.
-    let capacity = status
-        .capacity_bytes
-        .or(area.spec.size_bytes)
-        .unwrap_or(0);
+    let capacity = status.capacity_bytes.or(area.spec.size_bytes).unwrap_or(0);
     let (ready, reason, message) = match &pool {
         None => (
             false,

@@ -28,19 +28,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::model::Generation;
 use tessera_api::v1alpha1::{
-    AreaPhase, ClaimPhase, CopyPolicy, ObjectRef as ClaimRef, ReclaimTier, ReleaseRanges, RemapOperation,
-    RemapOperationType, RemapPhase, RemapPolicy, StorageArea, StorageClaim, StoragePool,
-    StoragePriorityClass, VirtualVolume, VirtualVolumeSpec, VolumeMapping, VolumeRange,
-    VolumeRemap, VolumeRemapSpec,
+    AreaPhase, ClaimPhase, CopyPolicy, ObjectRef as ClaimRef, ReclaimTier, ReleaseRanges,
+    RemapOperation, RemapOperationType, RemapPhase, RemapPolicy, StorageArea, StorageClaim,
+    StoragePool, StoragePriorityClass, VirtualVolume, VirtualVolumeSpec, VolumeMapping,
+    VolumeRange, VolumeRemap, VolumeRemapSpec,
 };
 
 use super::support::{
@@ -67,7 +67,10 @@ fn is_waiting(claim: &StorageClaim) -> bool {
     claim.status.as_ref().and_then(|s| s.phase) == Some(ClaimPhase::Pending)
 }
 
-fn waiting_claims_of_pool(claims: &[Arc<StorageClaim>], pool: &str) -> Vec<ObjectRef<StorageClaim>> {
+fn waiting_claims_of_pool(
+    claims: &[Arc<StorageClaim>],
+    pool: &str,
+) -> Vec<ObjectRef<StorageClaim>> {
     claims
         .iter()
         .filter(|c| c.spec.pool_name == pool && is_waiting(c))
@@ -81,22 +84,31 @@ pub fn controller(informers: &Informers, config: &Config) -> Controller<StorageC
         (store.clone(), store.clone(), store.clone(), store);
     Controller::for_stream(informers.claims.subscribe(), informers.claims.store())
         .with_config(controller::Config::default().concurrency(config.claim_concurrency))
-        .watches_stream(informers.volumes.subscribe(), move |volume: VirtualVolume| {
-            let mut refs: Vec<ObjectRef<StorageClaim>> = volume
-                .spec
-                .claim_ref
-                .iter()
-                .map(|c| ObjectRef::new(&c.name).within(&c.namespace))
-                .collect();
-            // A volume going away frees space that waiting claims may use.
-            if volume.metadata.deletion_timestamp.is_some() {
-                refs.extend(waiting_claims_of_pool(&by_volume.state(), &volume.spec.pool_name));
-            }
-            refs
-        })
+        .watches_stream(
+            informers.volumes.subscribe(),
+            move |volume: VirtualVolume| {
+                let mut refs: Vec<ObjectRef<StorageClaim>> = volume
+                    .spec
+                    .claim_ref
+                    .iter()
+                    .map(|c| ObjectRef::new(&c.name).within(&c.namespace))
+                    .collect();
+                // A volume going away frees space that waiting claims may use.
+                if volume.metadata.deletion_timestamp.is_some() {
+                    refs.extend(waiting_claims_of_pool(
+                        &by_volume.state(),
+                        &volume.spec.pool_name,
+                    ));
+                }
+                refs
+            },
+        )
         .watches_stream(informers.remaps.subscribe(), |remap: VolumeRemap| {
             let labels = remap.labels();
-            match (labels.get(CLAIM_NAME_LABEL), labels.get(CLAIM_NAMESPACE_LABEL)) {
+            match (
+                labels.get(CLAIM_NAME_LABEL),
+                labels.get(CLAIM_NAMESPACE_LABEL),
+            ) {
                 (Some(name), Some(ns)) => Some(ObjectRef::new(name).within(ns)),
                 _ => None,
             }
@@ -123,9 +135,7 @@ pub fn controller(informers: &Informers, config: &Config) -> Controller<StorageC
 
 pub async fn reconcile(claim: Arc<StorageClaim>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer(NAME);
-    tracing::debug!(claim = %claim.name_any(), "reconcile");
     ctx.stores.ready().await?;
-    tracing::debug!(claim = %claim.name_any(), "synced");
     let ns = claim
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
@@ -163,13 +173,49 @@ fn claim_key(claim: &StorageClaim) -> String {
 async fn apply(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     let status = claim.status.clone().unwrap_or_default();
     match status.phase {
-        Some(ClaimPhase::Bound) => Ok(Action::requeue(ctx.config.resync)),
+        Some(ClaimPhase::Bound) => {
+            if status.observed_generation != claim.metadata.generation {
+                spec_changed_after_binding(claim, ctx).await?;
+            }
+            Ok(Action::requeue(ctx.config.resync))
+        }
         // Rejected is final for this generation of the spec (a grown size is tried again).
         Some(ClaimPhase::Rejected) if status.observed_generation == claim.metadata.generation => {
             Ok(Action::await_change())
         }
         _ => allocate(claim, ctx).await,
     }
+}
+
+/// The spec of a Bound claim changed. Only `sizeBytes` matters (it may grow, D-5); growing a
+/// bound volume is not implemented yet, which a Warning says once per generation.
+async fn spec_changed_after_binding(claim: &StorageClaim, ctx: &Context) -> Result<()> {
+    let status = claim.status.clone().unwrap_or_default();
+    let allocated = status.allocated_bytes.unwrap_or(0);
+    if claim.spec.size_bytes > allocated {
+        ctx.publish(
+            &reference(claim),
+            EventType::Warning,
+            "ExpansionNotSupported",
+            "Allocate",
+            format!(
+                "sizeBytes grew to {} but growing a bound volume is not implemented yet; volume \
+                 {} keeps {allocated} bytes",
+                claim.spec.size_bytes,
+                status.volume_name.unwrap_or_default()
+            ),
+            None,
+        )
+        .await;
+    }
+    patch_status(
+        &claim_api(ctx, claim),
+        &claim.name_any(),
+        json!({ "observedGeneration": claim.metadata.generation }),
+        None,
+    )
+    .await?;
+    Ok(())
 }
 
 /// Everything `allocate` needs about the claim, resolved once.
@@ -228,8 +274,8 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     let returns = own_returns(ctx, &uid);
     let timeout = request.pool.spec.reclaim.return_timeout_seconds;
     let now = super::support::now().as_second();
-    tracing::debug!(claim = %claim.name_any(), returns = returns.len(), "allocating");
-    for remap in returns.iter().filter(|r| !is_final(r)) {
+    // Returns are issued one at a time, so at most one is in flight.
+    if let Some(remap) = returns.iter().find(|r| !is_final(r)) {
         let requested = remap
             .metadata
             .creation_timestamp
@@ -247,12 +293,20 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
         let left = (requested + i64::from(timeout) - now).max(1) as u64;
         return Ok(Action::requeue(Duration::from_secs(left)));
     }
-    for remap in returns.iter().filter(|r| phase_of(r) == Some(RemapPhase::Succeeded)) {
+    for remap in returns
+        .iter()
+        .filter(|r| phase_of(r) == Some(RemapPhase::Succeeded))
+    {
         let target = remap.status.as_ref().and_then(|s| s.target_generation);
         let cached = stores
             .volumes
             .get(&ObjectRef::new(&remap.spec.volume_name))
-            .and_then(|v| v.status.as_ref().and_then(|s| s.mapping.as_ref()).map(|m| m.generation));
+            .and_then(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.mapping.as_ref())
+                    .map(|m| m.generation)
+            });
         if let (Some(target), Some(cached)) = (target, cached)
             && cached < target
         {
@@ -261,7 +315,12 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     }
     let failed: BTreeSet<String> = returns
         .iter()
-        .filter(|r| matches!(phase_of(r), Some(RemapPhase::Failed | RemapPhase::FailedRecovery)))
+        .filter(|r| {
+            matches!(
+                phase_of(r),
+                Some(RemapPhase::Failed | RemapPhase::FailedRecovery)
+            )
+        })
         .map(|r| r.spec.volume_name.clone())
         .collect();
 
@@ -284,18 +343,21 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
         .map(|v| v.name.clone())
         .collect();
     // Volumes only this process knows about cannot be asked for anything yet.
-    let unseen = view.volumes.iter().filter(|v| v.volume.is_none()).map(|v| v.name.clone());
+    let unseen = view
+        .volumes
+        .iter()
+        .filter(|v| v.volume.is_none())
+        .map(|v| v.name.clone());
     let mut skipped: BTreeSet<String> = failed.iter().cloned().chain(unseen).collect();
-    let planned_without_attached_skip =
-        replan_excluding(
-            PoolSnapshot {
-                unallocated: view.unallocated().saturating_sub(earmark),
-                volumes: &candidates,
-            },
-            &allocation_request(&request),
-            &ReclaimRules::from(&request.pool.spec.reclaim),
-            &skipped,
-        );
+    let planned_without_attached_skip = replan_excluding(
+        PoolSnapshot {
+            unallocated: view.unallocated().saturating_sub(earmark),
+            volumes: &candidates,
+        },
+        &allocation_request(&request),
+        &ReclaimRules::from(&request.pool.spec.reclaim),
+        &skipped,
+    );
     skipped.extend(attached.iter().cloned());
     let plan = replan_excluding(
         PoolSnapshot {
@@ -384,8 +446,16 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
             }
             book.note_reclaim(&key, pool_name, request.extents * u64::from(request.copies));
             drop(book);
-            request_return(claim, ctx, &request, &view, &plan, returns.len(), &skipped_attached)
-                .await
+            request_return(
+                claim,
+                ctx,
+                &request,
+                &view,
+                &plan,
+                returns.len(),
+                &skipped_attached,
+            )
+            .await
         }
     }
 }
@@ -613,7 +683,9 @@ async fn request_return(
     match api.create(&PostParams::default(), &remap).await {
         Ok(_) => {}
         // An earlier attempt created this step already.
-        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(Action::requeue(ctx.config.wait_retry)),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            return Ok(Action::requeue(ctx.config.wait_retry));
+        }
         Err(e) => return Err(e.into()),
     }
     ctx.crash_point(CrashPoint::RemapCreated)?;
@@ -684,13 +756,19 @@ async fn warn_skipped(claim: &StorageClaim, ctx: &Context, view: &PoolView, skip
     }
 }
 
-fn rejection_message(rejection: &Rejection, view: &PoolView, attached: &BTreeSet<String>) -> String {
+fn rejection_message(
+    rejection: &Rejection,
+    view: &PoolView,
+    attached: &BTreeSet<String>,
+) -> String {
     let mut message = rejection.to_string();
     let attached_with_space: Vec<&str> = view
         .volumes
         .iter()
         .filter(|v| attached.contains(&v.name))
-        .filter(|v| v.usage(view.extent_size).unused() > 0 || v.usage(view.extent_size).low_priority() > 0)
+        .filter(|v| {
+            v.usage(view.extent_size).unused() > 0 || v.usage(view.extent_size).low_priority() > 0
+        })
         .map(|v| v.name.as_str())
         .collect();
     if !attached_with_space.is_empty() {
@@ -800,7 +878,12 @@ async fn bind(claim: &StorageClaim, volume: Arc<VirtualVolume>, ctx: &Context) -
         ctx,
         ClaimPhase::Bound,
         &[
-            ("Admitted", true, "Admitted", "admitted (seed 000 [0045])".into()),
+            (
+                "Admitted",
+                true,
+                "Admitted",
+                "admitted (seed 000 [0045])".into(),
+            ),
             ("Bound", true, "Bound", message.clone()),
         ],
         Some(json!({
@@ -828,7 +911,12 @@ async fn bind(claim: &StorageClaim, volume: Arc<VirtualVolume>, ctx: &Context) -
 }
 
 /// 602 ([0046]): the claim cannot be satisfied; nothing was allocated or reclaimed for it.
-async fn reject(claim: &StorageClaim, ctx: &Context, reason: &str, message: String) -> Result<Action> {
+async fn reject(
+    claim: &StorageClaim,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Result<Action> {
     let status = claim.status.clone().unwrap_or_default();
     let already = status.phase == Some(ClaimPhase::Rejected)
         && status.reason.as_deref() == Some(reason)
@@ -901,7 +989,14 @@ async fn write_phase(
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
     for (type_, status, reason, message) in conditions {
-        set_condition(&mut conds, type_, *status, reason, message.clone(), generation);
+        set_condition(
+            &mut conds,
+            type_,
+            *status,
+            reason,
+            message.clone(),
+            generation,
+        );
     }
     let mut status = json!({
         "phase": phase,

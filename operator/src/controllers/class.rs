@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::v1alpha1::{StorageClaim, StoragePriorityClass, VirtualVolume};
 

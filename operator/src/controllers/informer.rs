@@ -52,7 +52,9 @@ where
                         let mut subscribers = fan_out.lock().unwrap_or_else(|e| e.into_inner());
                         subscribers.retain(|tx| tx.unbounded_send(object.clone()).is_ok());
                     }
-                    Err(e) => tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed, retrying"),
+                    Err(e) => {
+                        tracing::warn!(kind = %K::kind(&()), error = %e, "watch failed, retrying")
+                    }
                 }
                 futures::future::ready(())
             })

@@ -27,8 +27,9 @@ pub mod usage;
 pub mod view;
 pub mod volume;
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -45,10 +46,10 @@ use tessera_api::v1alpha1::{
 use tokio::sync::watch;
 
 use crate::leader::{LeaderConfig, LeaderElection};
-use informer::Informer;
 use crate::metrics::{Health, Metrics};
 use crate::planners::charging::ChargingError;
 use crate::planners::placement::ToExtentMapError;
+use informer::Informer;
 
 pub use allocator::Allocator;
 
@@ -236,9 +237,15 @@ impl Stores {
         let not = |kind| move |_| Error::NotSynced(kind);
         self.pools.wait_until_ready().await.map_err(not("pool"))?;
         self.areas.wait_until_ready().await.map_err(not("area"))?;
-        self.classes.wait_until_ready().await.map_err(not("class"))?;
+        self.classes
+            .wait_until_ready()
+            .await
+            .map_err(not("class"))?;
         self.claims.wait_until_ready().await.map_err(not("claim"))?;
-        self.volumes.wait_until_ready().await.map_err(not("volume"))?;
+        self.volumes
+            .wait_until_ready()
+            .await
+            .map_err(not("volume"))?;
         self.remaps.wait_until_ready().await.map_err(not("remap"))?;
         synced.send_replace(true);
         Ok(())
@@ -266,6 +273,8 @@ pub struct Context {
     pub allocator: Allocator,
     crash: Arc<watch::Sender<Option<CrashPoint>>>,
     crashed: AtomicBool,
+    /// The last undecodable usage report per volume, so its Warning event is sent once.
+    bad_reports: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
@@ -280,6 +289,12 @@ impl Context {
             return Err(Error::InjectedCrash(point));
         }
         Ok(())
+    }
+
+    /// Whether `report` is a new undecodable usage report of `volume` (its event not yet sent).
+    pub fn first_bad_report(&self, volume: &str, report: &str) -> bool {
+        let mut seen = self.bad_reports.lock().unwrap_or_else(|e| e.into_inner());
+        seen.insert(volume.to_owned(), report.to_owned()).as_deref() != Some(report)
     }
 
     /// The requeue after an error (kube's `error_policy`).
@@ -461,6 +476,7 @@ async fn run_controllers(
         allocator: Allocator::default(),
         crash,
         crashed: AtomicBool::new(false),
+        bad_reports: Mutex::default(),
     });
     let synced = {
         let health = Arc::clone(&health);

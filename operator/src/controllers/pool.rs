@@ -15,16 +15,14 @@
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use serde_json::json;
-use tessera_api::v1alpha1::{
-    ClaimPhase, StorageArea, StorageClaim, StoragePool, VirtualVolume,
-};
+use tessera_api::v1alpha1::{ClaimPhase, StorageArea, StorageClaim, StoragePool, VirtualVolume};
 
 use super::support::{POOL_FINALIZER, patch_status, reference, set_condition};
 use super::view::PoolView;
@@ -176,7 +174,11 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         &mut conditions,
         "CapacityExhausted",
         exhausted,
-        if exhausted { "ClaimRejected" } else { "ClaimsSatisfied" },
+        if exhausted {
+            "ClaimRejected"
+        } else {
+            "ClaimsSatisfied"
+        },
         match &latest {
             Some((_, true, claim)) => format!(
                 "claim {claim} was rejected: unallocated, unused and low-priority space did not \
@@ -195,7 +197,11 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         &mut conditions,
         "Reclaiming",
         !reclaiming.is_empty(),
-        if reclaiming.is_empty() { "Idle" } else { "AreaReturnInProgress" },
+        if reclaiming.is_empty() {
+            "Idle"
+        } else {
+            "AreaReturnInProgress"
+        },
         if reclaiming.is_empty() {
             "no claim is reclaiming space".to_owned()
         } else {
@@ -233,7 +239,13 @@ async fn apply(pool: Arc<StoragePool>, ctx: &Context) -> Result<Action> {
         "conditions": status.conditions,
     });
     if desired != current {
-        patch_status(&Api::<StoragePool>::all(ctx.client.clone()), &name, desired, None).await?;
+        patch_status(
+            &Api::<StoragePool>::all(ctx.client.clone()),
+            &name,
+            desired,
+            None,
+        )
+        .await?;
     }
     Ok(Action::requeue(ctx.config.resync))
 }

@@ -19,11 +19,11 @@
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use serde_json::json;
 use tessera_api::model::Edit;
 use tessera_api::v1alpha1::{
@@ -71,7 +71,6 @@ fn tier_name(tier: ReclaimTier) -> &'static str {
 pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer(NAME);
     ctx.stores.ready().await?;
-    tracing::debug!(remap = %remap.name_any(), phase = ?remap.status.as_ref().and_then(|s| s.phase), "reconcile");
     let Some(release) = remap
         .spec
         .operation
@@ -93,8 +92,12 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
     // Under the lock: no other change of extent ownership interleaves.
     let _book = ctx.allocator.lock().await;
     let Some(volume) = volumes.get_opt(&remap.spec.volume_name).await? else {
-        return fail(&ctx, &remap, format!("volume {} does not exist", remap.spec.volume_name))
-            .await;
+        return fail(
+            &ctx,
+            &remap,
+            format!("volume {} does not exist", remap.spec.volume_name),
+        )
+        .await;
     };
     if is_attached(&volume) {
         let nodes = attached_nodes(&volume).join(", ");
@@ -117,8 +120,13 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
         }
         let waiting = format!("waiting for the remap coordinator: {message}");
         if remap.status.as_ref().and_then(|s| s.message.as_deref()) != Some(waiting.as_str()) {
-            patch_status(&remaps, &name, json!({ "phase": RemapPhase::Pending, "message": waiting }), None)
-                .await?;
+            patch_status(
+                &remaps,
+                &name,
+                json!({ "phase": RemapPhase::Pending, "message": waiting }),
+                None,
+            )
+            .await?;
         }
         return Ok(Action::await_change());
     }
@@ -127,7 +135,12 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
         .pools
         .get(&ObjectRef::new(&volume.spec.pool_name))
     else {
-        return fail(&ctx, &remap, format!("pool {} does not exist", volume.spec.pool_name)).await;
+        return fail(
+            &ctx,
+            &remap,
+            format!("pool {} does not exist", volume.spec.pool_name),
+        )
+        .await;
     };
     let es = extent_size(&pool)?;
     let Some(mapping) = volume.status.as_ref().and_then(|s| s.mapping.clone()) else {
@@ -145,7 +158,7 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
              restart)",
             tier_name(release.tier)
         );
-        return succeed(&ctx, &remaps, &remap, target, message).await;
+        return succeed(&remaps, &remap, target, message).await;
     }
 
     // D-14: ranges must be aligned to the pool's extent size.
@@ -272,11 +285,10 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
         )
         .await;
     }
-    succeed(&ctx, &remaps, &remap, target, message).await
+    succeed(&remaps, &remap, target, message).await
 }
 
 async fn succeed(
-    ctx: &Context,
     remaps: &Api<VolumeRemap>,
     remap: &VolumeRemap,
     target: i64,
@@ -296,7 +308,6 @@ async fn succeed(
         None,
     )
     .await?;
-    let _ = ctx;
     Ok(Action::await_change())
 }
 

@@ -187,7 +187,12 @@ fn truncate(mut text: String, max: usize) -> String {
 
 /// Bytes as a short human string (GiB/MiB/KiB with up to two decimals).
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (unit, size) in UNITS {
         if bytes >= size {
             let whole = bytes / size;

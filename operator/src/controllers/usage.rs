@@ -241,7 +241,11 @@ mod tests {
         let back = UsageReport::decode(&report.encode()).expect("decodes");
         assert_eq!(back, report);
         assert_eq!(back.in_use.len(), 3);
-        assert_eq!(back.high_priority.len(), 2, "a rewrite with low priority clears the bit");
+        assert_eq!(
+            back.high_priority.len(),
+            2,
+            "a rewrite with low priority clears the bit"
+        );
         assert!(UsageReport::decode("{").is_err());
     }
 
@@ -257,15 +261,30 @@ mod tests {
         use ExtentState::*;
         assert_eq!(
             states,
-            vec![HighPriority, HighPriority, LowPriority, Unused, Unallocated, Unallocated, Unused, Unused]
+            vec![
+                HighPriority,
+                HighPriority,
+                LowPriority,
+                Unused,
+                Unallocated,
+                Unallocated,
+                Unused,
+                Unused
+            ]
         );
         let usage = usage_of(&states);
-        assert_eq!((usage.allocated(), usage.in_use(), usage.high_priority()), (6, 3, 2));
+        assert_eq!(
+            (usage.allocated(), usage.in_use(), usage.high_priority()),
+            (6, 3, 2)
+        );
         assert_eq!(
             allocated_extent_ranges(&mapping),
             vec![ExtentRange::new(0, 4), ExtentRange::new(6, 2)]
         );
         let pieces: Vec<_> = area_pieces(&mapping).collect();
-        assert_eq!(pieces, vec![("a", ExtentRange::new(8, 4)), ("b", ExtentRange::new(0, 2))]);
+        assert_eq!(
+            pieces,
+            vec![("a", ExtentRange::new(8, 4)), ("b", ExtentRange::new(0, 2))]
+        );
     }
 }

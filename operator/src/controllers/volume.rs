@@ -15,21 +15,21 @@
 //!   interval is charged ([`settle_final`]) and the finalizer goes. The extents return to the
 //!   pool when the object is gone, because a volume's mapping is the only record of them.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::ResourceExt;
 use serde_json::{Value, json};
 use tessera_api::v1alpha1::{
-    AreaPhase, AttachmentState, StorageArea, StoragePool, VirtualVolume, VolumeCharge,
-    VolumePhase, VolumeRemap, VolumeUsage as WireUsage,
+    AreaPhase, AttachmentState, StorageArea, StoragePool, VirtualVolume, VolumeCharge, VolumePhase,
+    VolumeRemap, VolumeUsage as WireUsage,
 };
 
 use super::support::{
@@ -130,15 +130,6 @@ pub async fn commit_planned_mapping(
     }
 }
 
-/// Reports that failed to decode, so the Warning event is sent once per bad report.
-static BAD_REPORTS: Mutex<Option<HashMap<String, String>>> = Mutex::new(None);
-
-fn first_time_bad(volume: &str, value: &str) -> bool {
-    let mut seen = BAD_REPORTS.lock().unwrap_or_else(|e| e.into_inner());
-    let seen = seen.get_or_insert_with(HashMap::new);
-    seen.insert(volume.to_owned(), value.to_owned()).as_deref() != Some(value)
-}
-
 async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
     let volume = commit_planned_mapping(ctx, volume).await?;
     let name = volume.name_any();
@@ -162,7 +153,7 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
                 .get(super::support::USAGE_REPORT_ANNOTATION)
                 .cloned()
                 .unwrap_or_default();
-            if first_time_bad(&name, &raw) {
+            if ctx.first_bad_report(&name, &raw) {
                 ctx.publish(
                     &reference(volume.as_ref()),
                     EventType::Warning,
@@ -187,11 +178,21 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
             allocated_bytes: bytes(counts.allocated()),
             in_use_bytes: bytes(counts.in_use()),
             high_priority_bytes: bytes(counts.high_priority()),
-            last_report_time: status.usage.as_ref().and_then(|u| u.last_report_time.clone()),
+            last_report_time: status
+                .usage
+                .as_ref()
+                .and_then(|u| u.last_report_time.clone()),
         };
         let same = status.usage.as_ref().is_some_and(|old| {
-            (old.allocated_bytes, old.in_use_bytes, old.high_priority_bytes)
-                == (usage.allocated_bytes, usage.in_use_bytes, usage.high_priority_bytes)
+            (
+                old.allocated_bytes,
+                old.in_use_bytes,
+                old.high_priority_bytes,
+            ) == (
+                usage.allocated_bytes,
+                usage.in_use_bytes,
+                usage.high_priority_bytes,
+            )
         });
         if !same && report.is_some() {
             usage.last_report_time = Some(Time(super::support::now()));
@@ -212,9 +213,7 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
             let (accrued, last) = match &status.charge {
                 Some(c) => (
                     Amount::parse_accrued(&c.accrued)?,
-                    c.last_charged_time
-                        .as_ref()
-                        .map_or(now, unix_seconds),
+                    c.last_charged_time.as_ref().map_or(now, unix_seconds),
                 ),
                 None => (
                     Amount::ZERO,
@@ -273,7 +272,10 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
     let degraded_message = if degraded {
         let mut parts = Vec::new();
         if !unhealthy.is_empty() {
-            parts.push(format!("replicas on areas that are not Online: {}", unhealthy.join(", ")));
+            parts.push(format!(
+                "replicas on areas that are not Online: {}",
+                unhealthy.join(", ")
+            ));
         }
         if !fenced.is_empty() {
             parts.push(format!("fenced on {}", fenced.join(", ")));
@@ -286,7 +288,11 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
         &mut conditions,
         "Degraded",
         degraded,
-        if degraded { "ReplicaUnavailable" } else { "AllReplicasOnline" },
+        if degraded {
+            "ReplicaUnavailable"
+        } else {
+            "AllReplicasOnline"
+        },
         degraded_message,
         generation,
     );
@@ -321,7 +327,11 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
         &mut conditions,
         "ReturnRequested",
         !returns.is_empty(),
-        if returns.is_empty() { "NoReturnOutstanding" } else { "AreaReturnOutstanding" },
+        if returns.is_empty() {
+            "NoReturnOutstanding"
+        } else {
+            "AreaReturnOutstanding"
+        },
         if returns.is_empty() {
             "no area return is outstanding".to_owned()
         } else {
@@ -427,7 +437,10 @@ async fn cleanup(volume: &VirtualVolume, ctx: &Context) -> Result<Action> {
         .await?;
         note = format!("; final charge {}", accrual.accrued.to_decimal_string());
     }
-    let allocated = status.usage.as_ref().map_or(0, |u| u.allocated_bytes.max(0));
+    let allocated = status
+        .usage
+        .as_ref()
+        .map_or(0, |u| u.allocated_bytes.max(0));
     ctx.allocator.lock().await.release(&name);
     ctx.metrics.forget_volume(&volume.spec.pool_name, &name);
     ctx.publish(

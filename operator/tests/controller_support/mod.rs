@@ -153,13 +153,18 @@ impl Cluster {
         self.node_reports_area(name, extents * ES, AreaPhase::Online)
             .await;
         // The operator has seen it Online (needs a running operator).
-        wait_for(&self.api::<StorageArea>(), name, "Ready", |a: &StorageArea| {
-            a.status.as_ref().is_some_and(|s| {
-                s.conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True")
-            })
-        })
+        wait_for(
+            &self.api::<StorageArea>(),
+            name,
+            "Ready",
+            |a: &StorageArea| {
+                a.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
+            },
+        )
         .await;
     }
 
@@ -190,7 +195,13 @@ impl Cluster {
             .expect("heartbeat patched");
     }
 
-    pub async fn create_claim(&self, name: &str, pool: &str, extents: i64, class: &str) -> StorageClaim {
+    pub async fn create_claim(
+        &self,
+        name: &str,
+        pool: &str,
+        extents: i64,
+        class: &str,
+    ) -> StorageClaim {
         let claim = StorageClaim::new(
             name,
             StorageClaimSpec {
@@ -220,9 +231,12 @@ impl Cluster {
             .as_ref()
             .and_then(|s| s.volume_name.clone())
             .expect("volumeName");
-        let volume = wait_for(&self.api::<VirtualVolume>(), &volume_name, "mapped", |v: &VirtualVolume| {
-            v.status.as_ref().is_some_and(|s| s.mapping.is_some())
-        })
+        let volume = wait_for(
+            &self.api::<VirtualVolume>(),
+            &volume_name,
+            "mapped",
+            |v: &VirtualVolume| v.status.as_ref().is_some_and(|s| s.mapping.is_some()),
+        )
         .await;
         (claim, volume)
     }
@@ -246,12 +260,17 @@ impl Cluster {
             )
             .await
             .expect("usage report patched");
-        wait_for(&self.api::<VirtualVolume>(), volume, "usage applied", |v: &VirtualVolume| {
-            v.status
-                .as_ref()
-                .and_then(|s| s.usage.as_ref())
-                .is_some_and(|u| u.in_use_bytes == in_use && u.high_priority_bytes == high)
-        })
+        wait_for(
+            &self.api::<VirtualVolume>(),
+            volume,
+            "usage applied",
+            |v: &VirtualVolume| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.usage.as_ref())
+                    .is_some_and(|u| u.in_use_bytes == in_use && u.high_priority_bytes == high)
+            },
+        )
         .await;
     }
 
@@ -341,7 +360,10 @@ impl Cluster {
             for (area, range) in area_pieces(mapping) {
                 for extent in range.start..range.end() {
                     if let Some(other) = owners.insert((area.to_owned(), extent), v.name_any()) {
-                        panic!("extent {extent} of {area} is mapped by {other} and {}", v.name_any());
+                        panic!(
+                            "extent {extent} of {area} is mapped by {other} and {}",
+                            v.name_any()
+                        );
                     }
                 }
             }
@@ -416,7 +438,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while api.get_opt(name).await.expect("get").is_some() {
-        assert!(tokio::time::Instant::now() < deadline, "{name} was not deleted");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} was not deleted"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -436,7 +461,11 @@ pub fn usage_extents(volume: &VirtualVolume) -> (i64, i64, i64) {
         .as_ref()
         .and_then(|s| s.usage.clone())
         .unwrap_or_default();
-    (u.allocated_bytes / ES, u.in_use_bytes / ES, u.high_priority_bytes / ES)
+    (
+        u.allocated_bytes / ES,
+        u.in_use_bytes / ES,
+        u.high_priority_bytes / ES,
+    )
 }
 
 pub fn generation(volume: &VirtualVolume) -> i64 {
