@@ -8,6 +8,11 @@
 # "<!-- analysis -->" marker of the existing file is kept).
 #
 # Usage: scripts/bench-datapath.sh            (RUNTIME=5 REPS=3 SIZE_MIB=1024 by default)
+#        ONLY=remote scripts/bench-datapath.sh
+#            only the remote rows: the fragmented volume with local areas vs the same volume with
+#            every area a RemoteArea to an in-process extent server on 127.0.0.1 (NBD over TCP),
+#            1 MiB sequential read/write, iodepth 8; prints medians and remote/local, does not
+#            touch $OUT (copy the numbers into its remote rows by hand).
 # Needs: fio (with the nbd engine), qemu-nbd, python3, cargo.
 set -euo pipefail
 
@@ -17,6 +22,7 @@ REPS=${REPS:-3}
 SIZE_MIB=${SIZE_MIB:-1024}
 EXTENT_MIB=1
 AREAS=4
+ONLY=${ONLY:-}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/docs/benchmarks/datapath.md}
 
@@ -43,7 +49,7 @@ SIZE=$((SIZE_MIB << 20))
 AREA_MIB=$((SIZE_MIB / AREAS))
 echo "preparing files in $WORK"
 # Fully allocated (not sparse), so reads hit real blocks (or the page cache) on every target.
-dd if=/dev/zero of="$WORK/raw.img" bs=1M count="$SIZE_MIB" status=none
+[ "$ONLY" = remote ] || dd if=/dev/zero of="$WORK/raw.img" bs=1M count="$SIZE_MIB" status=none
 AREA_ARGS=()
 for i in $(seq 0 $((AREAS - 1))); do
     dd if=/dev/zero of="$WORK/area$i.img" bs=1M count="$AREA_MIB" status=none
@@ -55,6 +61,55 @@ wait_socket() {
     for _ in $(seq 1 200); do [ -S "$1" ] && return 0; sleep 0.05; done
     echo "no socket $1" >&2; exit 1
 }
+
+if [ "$ONLY" = remote ]; then
+    "$BIN" serve --socket "$WORK/frag.sock" --layout fragmented --extent $((EXTENT_MIB << 20)) \
+        "${AREA_ARGS[@]}" --size "$SIZE" >"$WORK/frag.log" &
+    PIDS+=($!)
+    "$BIN" serve --socket "$WORK/remote.sock" --layout fragmented --extent $((EXTENT_MIB << 20)) \
+        --remote "${AREA_ARGS[@]}" --size "$SIZE" >"$WORK/remote.log" &
+    PIDS+=($!)
+    for s in frag remote; do wait_socket "$WORK/$s.sock"; done
+    cat "$WORK/frag.log" "$WORK/remote.log"
+    mkdir -p "$WORK/json"
+    TARGETS=(frag remote)
+    for rep in $(seq 1 "$REPS"); do
+        for job in read-1m write-1m; do
+            for target in "${TARGETS[@]}"; do
+                echo "rep $rep/$REPS $job $target"
+                fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$WORK/$target.sock" \
+                    --rw="${job%-1m}" --bs=1m --iodepth=8 --size="$SIZE" --time_based \
+                    --runtime="$RUNTIME" --ramp_time="$RAMP" --randrepeat=1 --norandommap \
+                    --output-format=json --output="$WORK/json/$target.$job.$rep.json" >/dev/null
+            done
+        done
+        TARGETS=("${TARGETS[@]:1}" "${TARGETS[0]}")
+    done
+    python3 - "$WORK/json" "$REPS" <<'EOF'
+import json, os, statistics, sys
+jdir, reps = sys.argv[1], int(sys.argv[2])
+def metrics(path):
+    d = json.load(open(path))["jobs"][0]
+    side = d["read"] if d["read"]["io_bytes"] > 0 else d["write"]
+    pct = side["clat_ns"].get("percentile", {})
+    return dict(iops=side["iops"], mibs=side["bw_bytes"] / 2**20,
+                p50=pct.get("50.000000", 0) / 1000, p99=pct.get("99.000000", 0) / 1000)
+print("| workload | target | IOPS | MiB/s | p50 µs | p99 µs | spread | runs (MiB/s) | remote / local |")
+print("|---|---|---:|---:|---:|---:|---:|---|---:|")
+for job in ["read-1m", "write-1m"]:
+    med = {}
+    for t, label in [("frag", "local areas"), ("remote", "remote areas")]:
+        runs = [metrics(os.path.join(jdir, f"{t}.{job}.{r}.json")) for r in range(1, reps + 1)]
+        m = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        spread = (max(r["iops"] for r in runs) - min(r["iops"] for r in runs)) / max(1e-9, m["iops"])
+        med[t] = m
+        ratio = f"{m['iops'] / med['frag']['iops']:.2f}×" if t == "remote" else ""
+        each = ", ".join(f"{r['mibs']:,.0f}" for r in runs)
+        print(f"| {job} | {label} | {m['iops']:,.0f} | {m['mibs']:,.1f} | {m['p50']:,.0f} | "
+              f"{m['p99']:,.0f} | {spread:.0%} | {each} | {ratio} |")
+EOF
+    exit 0
+fi
 
 qemu-nbd -f raw -t -k "$WORK/qemu.sock" "$WORK/raw.img" &
 PIDS+=($!)

@@ -6,21 +6,28 @@
 //! bench_datapath serve --socket /tmp/e.sock --layout single --area /tmp/raw.img --size 1073741824
 //! bench_datapath serve --socket /tmp/f.sock --layout fragmented --extent 1048576 \
 //!     --area a0.img --area a1.img --area a2.img --area a3.img --size 1073741824
+//! # The same, every area reached through an extent server over loopback TCP (in-process):
+//! bench_datapath serve --socket /tmp/r.sock --layout fragmented --remote \
+//!     --area a0.img --area a1.img --area a2.img --area a3.img --size 1073741824
 //! # Resident memory of a process holding N open volumes over sparse files:
 //! bench_datapath rss --dir /tmp/rss --volumes 100 --size 10737418240
 //! ```
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
 use tessera_api::model::{ExtentMap, ExtentSize, Generation, ReplicaLocation, Run};
+use tessera_csi::backend::remote::{RemoteArea, RemoteAreaConfig};
 use tessera_csi::backend::{
     AreaBackend, AreaRegistry, DirectIo, IoDriver, LocalArea, LocalAreaOptions,
 };
 use tessera_csi::engine::{UsageInit, Volume, VolumeOptions};
+use tessera_csi::extent_server::{ExtentServer, ExtentServerConfig, ExtentServerHandle};
 use tessera_csi::frontend::nbd::NbdUnixFrontend;
+use tessera_nbd::{Credentials, Permission};
 
 #[derive(Parser)]
 struct Args {
@@ -76,6 +83,10 @@ enum Cmd {
         /// Tokio worker threads (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Serve the areas through an in-process extent server on 127.0.0.1 and build the
+        /// volume over `RemoteArea`s to it (every extent remote, NBD over loopback TCP).
+        #[arg(long)]
+        remote: bool,
     },
     Rss {
         #[arg(long)]
@@ -100,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             direct,
             driver,
             workers,
+            remote,
         } => {
             let direct = match direct.as_str() {
                 "auto" => DirectIo::Auto,
@@ -118,8 +130,12 @@ fn main() -> anyhow::Result<()> {
                 areas,
                 size,
                 extent,
-                direct,
-                driver.into(),
+                LocalAreaOptions {
+                    driver: driver.into(),
+                    direct,
+                    size_bytes: None,
+                },
+                remote,
             ))
         }
         Cmd::Rss {
@@ -133,30 +149,62 @@ fn main() -> anyhow::Result<()> {
 
 /// An area's name and size.
 type AreaInfo = (String, u64);
+type Backends = Vec<Arc<dyn AreaBackend>>;
 
 fn open_areas(
     paths: &[PathBuf],
-    direct: DirectIo,
-    driver: IoDriver,
-) -> anyhow::Result<(Arc<AreaRegistry>, Vec<AreaInfo>)> {
-    let registry = Arc::new(AreaRegistry::new());
+    options: &LocalAreaOptions,
+) -> anyhow::Result<(Backends, Vec<AreaInfo>)> {
+    let mut backends = Vec::new();
     let mut areas = Vec::new();
     for (i, path) in paths.iter().enumerate() {
         let name = format!("area{i}");
-        let area = LocalArea::open(
-            name.as_str(),
-            path,
-            &LocalAreaOptions {
-                driver,
-                direct,
-                size_bytes: None,
-            },
-        )
-        .with_context(|| format!("open {}", path.display()))?;
+        let area = LocalArea::open(name.as_str(), path, options)
+            .with_context(|| format!("open {}", path.display()))?;
         areas.push((name, area.size_bytes()));
-        registry.insert(Arc::new(area) as Arc<dyn AreaBackend>);
+        backends.push(Arc::new(area) as Arc<dyn AreaBackend>);
     }
-    Ok((registry, areas))
+    Ok((backends, areas))
+}
+
+const PEER: &str = "bench-node";
+const TOKEN: &[u8] = b"bench-token";
+
+/// Serves `locals` from an extent server on loopback, grants `PEER` read-write on all of each
+/// area for `volume`, and returns the areas as `RemoteArea`s to it (default config).
+async fn remote_areas(
+    locals: Backends,
+    areas: &[AreaInfo],
+    volume: &str,
+    generation: Generation,
+) -> anyhow::Result<(ExtentServerHandle, Backends)> {
+    let server = ExtentServer::start(
+        SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        locals,
+        ExtentServerConfig::new().with_peer(PEER, TOKEN),
+    )
+    .await?;
+    server.authorization().grant_volume(
+        PEER,
+        volume,
+        generation,
+        areas
+            .iter()
+            .map(|(name, size)| (name.as_str().into(), 0..*size, Permission::ReadWrite))
+            .collect(),
+    )?;
+    let mut remotes = Vec::new();
+    for (name, _) in areas {
+        let remote = RemoteArea::connect(
+            name.as_str(),
+            server.addr().to_string(),
+            Credentials::new(PEER, TOKEN.to_vec()),
+            RemoteAreaConfig::default(),
+        )
+        .await?;
+        remotes.push(Arc::new(remote) as Arc<dyn AreaBackend>);
+    }
+    Ok((server, remotes))
 }
 
 /// A deterministic permutation of `0..n` (Fisher–Yates with a fixed LCG).
@@ -239,12 +287,22 @@ async fn serve(
     paths: Vec<PathBuf>,
     size: u64,
     extent: u64,
-    direct: DirectIo,
-    driver: IoDriver,
+    options: LocalAreaOptions,
+    remote: bool,
 ) -> anyhow::Result<()> {
-    let (registry, areas) = open_areas(&paths, direct, driver)?;
+    let (locals, areas) = open_areas(&paths, &options)?;
     let map = build_map(layout, &areas, size, extent)?;
     let runs = map.runs().len();
+    let (server, backends) = if remote {
+        let (server, remotes) = remote_areas(locals, &areas, "vol", map.generation()).await?;
+        (Some(server), remotes)
+    } else {
+        (None, locals)
+    };
+    let registry = Arc::new(AreaRegistry::new());
+    for backend in backends {
+        registry.insert(backend);
+    }
     let volume = Volume::open(
         "vol",
         Arc::new(map),
@@ -255,13 +313,23 @@ async fn serve(
         },
     )?;
     let handle = NbdUnixFrontend::start(Arc::new(volume), &socket)?;
-    println!("ready {} ({runs} runs)", handle.uri());
+    match &server {
+        Some(s) => println!(
+            "ready {} ({runs} runs, remote via {})",
+            handle.uri(),
+            s.addr()
+        ),
+        None => println!("ready {} ({runs} runs)", handle.uri()),
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
     handle.stop().await?;
+    if let Some(server) = server {
+        server.stop().await?;
+    }
     Ok(())
 }
 
