@@ -361,7 +361,7 @@ fn session_heap_accounting_sees_declared_payloads() {
 
 /// Writes the seed corpus (run by hand: `cargo test -p tessera-nbd --test fuzz -- --ignored`).
 #[test]
-#[ignore]
+#[ignore = "a tool, not a test: regenerates the committed seed corpus"]
 fn write_seed_corpus() {
     let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/__fuzz__");
     let write = |target: &str, name: &str, data: &[u8]| {
