@@ -28,8 +28,8 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::{Value, json};
 use tessera_api::v1alpha1::{
-    AreaPhase, AttachmentState, StorageArea, StoragePool, VirtualVolume, VolumeCharge, VolumePhase,
-    VolumeRemap, VolumeUsage as WireUsage,
+    AreaPhase, AttachmentState, ChargingPolicy, StorageArea, StoragePool, VirtualVolume,
+    VolumeCharge, VolumePhase, VolumeRemap, VolumeUsage as WireUsage,
 };
 
 use super::support::{
@@ -75,6 +75,47 @@ pub fn controller(informers: &Informers, _config: &Config) -> Controller<Virtual
                 .map(|v| ObjectRef::from_obj(v.as_ref()))
                 .collect::<Vec<_>>()
         })
+}
+
+/// What one charging step needs (seed 000 Fig. 10): the pool's rates, the volume's stored bytes,
+/// what it has accrued so far, and where the last charge ended (creation when never charged).
+struct ChargeInputs {
+    rates: Rates,
+    stored: StoredBytes,
+    accrued: Amount,
+    last: i64,
+}
+
+fn charge_inputs(
+    volume: &VirtualVolume,
+    policy: &ChargingPolicy,
+    usage: &WireUsage,
+    charge: Option<&VolumeCharge>,
+    now: i64,
+) -> Result<ChargeInputs> {
+    let (accrued, last) = match charge {
+        Some(c) => (
+            Amount::parse_accrued(&c.accrued)?,
+            c.last_charged_time.as_ref().map_or(now, unix_seconds),
+        ),
+        None => (
+            Amount::ZERO,
+            volume
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(now, unix_seconds),
+        ),
+    };
+    Ok(ChargeInputs {
+        rates: Rates::try_from(policy)?,
+        stored: StoredBytes::new(
+            usage.in_use_bytes.max(0) as u64,
+            usage.high_priority_bytes.max(0) as u64,
+        )?,
+        accrued,
+        last,
+    })
 }
 
 pub async fn reconcile(volume: Arc<VirtualVolume>, ctx: Arc<Context>) -> Result<Action> {
@@ -205,25 +246,12 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
     let mut next_charge: Option<Duration> = None;
     let charge = match (&pool.spec.charging, &usage) {
         (Some(policy), Some(usage)) => {
-            let rates = Rates::try_from(policy)?;
-            let stored = StoredBytes::new(
-                usage.in_use_bytes.max(0) as u64,
-                usage.high_priority_bytes.max(0) as u64,
-            )?;
-            let (accrued, last) = match &status.charge {
-                Some(c) => (
-                    Amount::parse_accrued(&c.accrued)?,
-                    c.last_charged_time.as_ref().map_or(now, unix_seconds),
-                ),
-                None => (
-                    Amount::ZERO,
-                    volume
-                        .metadata
-                        .creation_timestamp
-                        .as_ref()
-                        .map_or(now, unix_seconds),
-                ),
-            };
+            let ChargeInputs {
+                rates,
+                stored,
+                accrued,
+                last,
+            } = charge_inputs(&volume, policy, usage, status.charge.as_ref(), now)?;
             let accrual = accrue(accrued, last, now, policy.interval_seconds, stored, &rates)?;
             let due = accrual.charged_until + policy.interval_seconds - now;
             next_charge = Some(Duration::from_secs(due.max(1) as u64));
@@ -402,25 +430,12 @@ async fn cleanup(volume: &VirtualVolume, ctx: &Context) -> Result<Action> {
     if let (Some(pool), Some(usage)) = (&pool, &status.usage)
         && let Some(policy) = &pool.spec.charging
     {
-        let rates = Rates::try_from(policy)?;
-        let stored = StoredBytes::new(
-            usage.in_use_bytes.max(0) as u64,
-            usage.high_priority_bytes.max(0) as u64,
-        )?;
-        let (accrued, last) = match &status.charge {
-            Some(c) => (
-                Amount::parse_accrued(&c.accrued)?,
-                c.last_charged_time.as_ref().map_or(now, unix_seconds),
-            ),
-            None => (
-                Amount::ZERO,
-                volume
-                    .metadata
-                    .creation_timestamp
-                    .as_ref()
-                    .map_or(now, unix_seconds),
-            ),
-        };
+        let ChargeInputs {
+            rates,
+            stored,
+            accrued,
+            last,
+        } = charge_inputs(volume, policy, usage, status.charge.as_ref(), now)?;
         let accrual = settle_final(accrued, last, now, policy.interval_seconds, stored, &rates)?;
         patch_status(
             &Api::<VirtualVolume>::all(ctx.client.clone()),
