@@ -42,3 +42,16 @@ pub fn rendered() -> Result<Vec<(String, String)>, serde_yaml::Error> {
         .map(|crd| Ok((file_name(crd), to_yaml(crd)?)))
         .collect()
 }
+
+/// The CRD of a tessera kind (e.g. `"StoragePool"`).
+pub fn by_kind(kind: &str) -> Option<CustomResourceDefinition> {
+    all().into_iter().find(|crd| crd.spec.names.kind == kind)
+}
+
+/// The `openAPIV3Schema` of a kind's served version as JSON: what a validator (kube's CEL
+/// `Validator`, the embedded API server) takes.
+pub fn openapi_schema(kind: &str) -> Option<serde_json::Value> {
+    let crd = by_kind(kind)?;
+    let schema = crd.spec.versions.first()?.schema.as_ref()?;
+    serde_json::to_value(schema.open_api_v3_schema.as_ref()?).ok()
+}

@@ -6,18 +6,7 @@ use serde_json::{Value, json};
 use tessera_api::crds;
 
 fn schema(kind: &str) -> Value {
-    let crd = crds::all()
-        .into_iter()
-        .find(|c| c.spec.names.kind == kind)
-        .unwrap_or_else(|| panic!("no CRD for {kind}"));
-    serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .and_then(|s| s.open_api_v3_schema.as_ref())
-            .expect("schema"),
-    )
-    .unwrap()
+    crds::openapi_schema(kind).unwrap_or_else(|| panic!("no CRD for {kind}"))
 }
 
 fn object(kind: &str, spec: Value) -> Value {

@@ -43,20 +43,7 @@ fn typed(doc: &Value) -> Result<(), serde_json::Error> {
 
 fn cel(doc: &Value) -> Result<(), String> {
     let kind = doc["kind"].as_str().unwrap();
-    let crd = tessera_api::crds::all()
-        .into_iter()
-        .find(|c| c.spec.names.kind == kind)
-        .unwrap();
-    let schema = serde_json::to_value(
-        crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema
-            .as_ref()
-            .unwrap(),
-    )
-    .unwrap();
+    let schema = tessera_api::crds::openapi_schema(kind).unwrap();
     Validator::new()
         .validate(&schema, doc, None)
         .map_err(|e| format!("{e:?}"))

@@ -54,10 +54,7 @@ async fn server_with_crds(dir: &Path) -> RunningServer {
 /// The dynamic API for an object of the tessera group.
 fn api_for(server: &RunningServer, doc: &Value) -> Api<DynamicObject> {
     let kind = doc["kind"].as_str().unwrap();
-    let crd = tessera_api::crds::all()
-        .into_iter()
-        .find(|c| c.spec.names.kind == kind)
-        .unwrap();
+    let crd = tessera_api::crds::by_kind(kind).unwrap();
     let gvk = GroupVersionKind::gvk("tessera.io", "v1alpha1", kind);
     let ar = ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural);
     match doc["metadata"]["namespace"].as_str() {
