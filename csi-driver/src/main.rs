@@ -1,32 +1,17 @@
 //! `tessera-csi`: the CSI controller and node plugin.
 
-use anyhow::{Result, bail};
-use clap::{Parser, ValueEnum};
+use anyhow::Result;
+use clap::Parser;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Mode {
-    Controller,
-    Node,
-}
-
-#[derive(Parser)]
-#[command(name = "tessera-csi", version, about = "The tessera CSI driver")]
-struct Cli {
-    /// Which CSI services to run.
-    #[arg(long, value_enum)]
-    mode: Mode,
-    /// CSI endpoint, e.g. unix:///csi/csi.sock
-    #[arg(long, default_value = "unix:///csi/csi.sock")]
-    endpoint: String,
-}
-
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    // The CSI services, engine, frontends and extent server arrive with the data-path and CSI
-    // issues; until then this binary refuses to start rather than pretend to serve.
-    bail!(
-        "tessera-csi --mode {:?} on {}: the CSI services are not implemented yet",
-        cli.mode,
-        cli.endpoint
-    )
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = tessera_csi::cli::Cli::parse();
+    tessera_csi::cli::run(cli, tessera_csi::csi::shutdown_signal()).await
 }
