@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
         json_path = ".metadata.creationTimestamp"
     )
 )]
+#[x_kube(validation = Rule::new("!has(self.accessNode) || !has(self.sharedAccessNodes) || size(self.sharedAccessNodes) == 0").message("accessNode and sharedAccessNodes are exclusive"))]
 #[serde(rename_all = "camelCase")]
 pub struct VirtualVolumeSpec {
     /// Logical size in bytes.
@@ -60,11 +61,27 @@ pub struct VirtualVolumeSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_ref: Option<ObjectRef>,
     /// The one node allowed to use the volume (the borrower, seed 001 [0028]). Set by
-    /// ControllerPublish; empty when not published. Multi-node Block volumes list extra nodes
-    /// in `status.attachments`.
+    /// ControllerPublish for single-node access modes; empty when not published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 253))]
     pub access_node: Option<String>,
+    /// The nodes a MULTI_NODE_MULTI_WRITER Block volume is published to (several nodes translate
+    /// the same volume; every remap must quiesce all of them, seed 004). Exclusive with
+    /// `accessNode`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub shared_access_nodes: Vec<String>,
+}
+
+impl VirtualVolumeSpec {
+    /// Every node the volume is published to (the borrower or the shared writers).
+    pub fn access_nodes(&self) -> Vec<&str> {
+        self.access_node
+            .iter()
+            .chain(self.shared_access_nodes.iter())
+            .map(String::as_str)
+            .collect()
+    }
 }
 
 fn default_copies() -> i32 {

@@ -821,6 +821,7 @@ async fn create_and_bind(
                 uid: Some(uid.clone()),
             }),
             access_node: None,
+            shared_access_nodes: Vec::new(),
         },
         status: None,
     };

@@ -40,7 +40,7 @@ pub fn planned_mapping(volume: &VirtualVolume) -> Option<VolumeMapping> {
 
 /// Whether a node uses the volume: an access node is set or a node reported an attachment.
 pub fn is_attached(volume: &VirtualVolume) -> bool {
-    volume.spec.access_node.is_some()
+    !volume.spec.access_nodes().is_empty()
         || volume
             .status
             .as_ref()
@@ -49,7 +49,12 @@ pub fn is_attached(volume: &VirtualVolume) -> bool {
 
 /// The nodes using a volume, for messages.
 pub fn attached_nodes(volume: &VirtualVolume) -> Vec<String> {
-    let mut nodes: Vec<String> = volume.spec.access_node.iter().cloned().collect();
+    let mut nodes: Vec<String> = volume
+        .spec
+        .access_nodes()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
     if let Some(status) = &volume.status {
         for a in &status.attachments {
             if !nodes.contains(&a.node) {
