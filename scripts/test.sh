@@ -25,6 +25,27 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
+
+# The Helm chart, rendered by Helm's own engine (the helm-python-sdk wheel embeds Helm's Go SDK),
+# validated against the Kubernetes 1.33 schemas (kubernetes-validate ships them) and checked by
+# scripts/check-chart.py. PyPI is reachable wherever this runs, so tools that cannot be installed
+# are a failure, not a skip.
+echo "== helm chart (lint, render, checks)"
+chart_venv="${TESSERA_CHART_VENV:-${HOME:-/root}/.cache/tessera/chart-venv}"
+chart_tools=('helm-python-sdk==0.2.2' 'kubernetes-validate==1.37.0' pyyaml)
+if ! "$chart_venv/bin/python" -c 'import helm_python, kubernetes_validate, yaml' 2>/dev/null; then
+  echo "installing ${chart_tools[*]} into $chart_venv"
+  if ! python3 -m venv "$chart_venv" && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
+    python3 -m venv "$chart_venv" || true
+  fi
+  if ! "$chart_venv/bin/pip" install -q --disable-pip-version-check "${chart_tools[@]}"; then
+    echo "FAIL: cannot install the chart check's tools (python3 -m venv, then pip install ${chart_tools[*]} into $chart_venv); the Helm chart is unchecked" >&2
+    exit 1
+  fi
+fi
+"$chart_venv/bin/python" scripts/check-chart.py
+
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
