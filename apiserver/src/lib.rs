@@ -20,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cli;
 pub mod crd;
 pub mod discovery;
 pub mod errors;

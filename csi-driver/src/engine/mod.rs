@@ -59,6 +59,7 @@
 mod bitmap;
 mod dirty;
 pub mod error;
+pub mod gate;
 pub mod health;
 pub mod usage;
 mod volume;

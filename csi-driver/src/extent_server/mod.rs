@@ -58,6 +58,8 @@ pub use export::AreaExport;
 pub struct ExtentServerConfig {
     /// Peer node name → its token.
     pub peers: BTreeMap<String, Vec<u8>>,
+    /// One token every node holds (the chart's Secret): any peer name presenting it is accepted.
+    pub shared_token: Option<Vec<u8>>,
     /// NBD server tunables (handshake timeout, in-flight limits, shutdown grace).
     pub nbd: ServerConfig,
 }
@@ -66,6 +68,7 @@ impl fmt::Debug for ExtentServerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ExtentServerConfig")
             .field("peers", &self.peers.keys().collect::<Vec<_>>())
+            .field("shared_token", &self.shared_token.is_some())
             .field("nbd", &self.nbd)
             .finish()
     }
@@ -79,6 +82,12 @@ impl ExtentServerConfig {
     /// Accepts `peer` when it presents `token`.
     pub fn with_peer(mut self, peer: impl Into<String>, token: impl Into<Vec<u8>>) -> Self {
         self.peers.insert(peer.into(), token.into());
+        self
+    }
+
+    /// Accepts any peer name presenting `token` (see [`TokenAuthenticator::with_shared_token`]).
+    pub fn with_shared_token(mut self, token: impl Into<Vec<u8>>) -> Self {
+        self.shared_token = Some(token.into());
         self
     }
 
@@ -129,7 +138,16 @@ impl ExtentServer {
             }
             auth = auth.with_principal(peer.clone(), token.clone());
         }
-        if config.peers.is_empty() {
+        match &config.shared_token {
+            Some(token) if token.is_empty() => {
+                return Err(ExtentServerError::InvalidPeer {
+                    peer: "<shared>".into(),
+                });
+            }
+            Some(token) => auth = auth.with_shared_token(token.clone()),
+            None => {}
+        }
+        if config.peers.is_empty() && config.shared_token.is_none() {
             tracing::warn!("extent server without peers: nobody can authenticate");
         }
         let authorization = Arc::new(ExtentAuthorization::new());

@@ -633,6 +633,32 @@ impl FuseLoopState {
 }
 
 impl AttachmentState for FuseLoopState {
+    /// The file's attributes are cached for [`TTL`]: invalidate them, let a `stat` fetch the new
+    /// size into the kernel inode, then tell the loop driver (`losetup -c`, LOOP_SET_CAPACITY,
+    /// which reads the cached inode size).
+    fn refresh_size(&mut self) -> Result<(), FrontendError> {
+        let (Some(session), Some(device)) = (self.session.as_ref(), self.loop_device.as_ref())
+        else {
+            return Ok(());
+        };
+        session
+            .notifier()
+            .inval_inode(FILE_INO, 0, 0)
+            .map_err(|e| FrontendError::io("invalidate the FUSE file attributes", e))?;
+        let file = self.mountpoint.join(FILE_NAME);
+        std::fs::metadata(&file)
+            .map_err(|e| FrontendError::io(format!("stat {}", file.display()), e))?;
+        let output = Command::new(&self.losetup)
+            .arg("-c")
+            .arg(device)
+            .output()
+            .map_err(|e| FrontendError::io(format!("run {} -c", self.losetup.display()), e))?;
+        if !output.status.success() {
+            return Err(command_error(&self.losetup, &["-c"], &output));
+        }
+        Ok(())
+    }
+
     fn detach(&mut self) -> Result<(), FrontendError> {
         // Every step is attempted; the first error is reported. Unmounting is skipped while the
         // loop device may still use the file (it would hang its I/O).

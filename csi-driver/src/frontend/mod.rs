@@ -125,6 +125,12 @@ pub trait AttachmentState: Send + fmt::Debug {
     /// Tears the attachment down. Must be safe to call after a partial failure and must try
     /// every step even when an earlier one failed (reporting the first error).
     fn detach(&mut self) -> Result<(), FrontendError>;
+
+    /// Makes the kernel device follow the volume's current size after it grew. Frontends
+    /// without a kernel device have nothing to do.
+    fn refresh_size(&mut self) -> Result<(), FrontendError> {
+        Ok(())
+    }
 }
 
 /// A volume attached through a frontend. Dropping it detaches best-effort (errors are logged);
@@ -162,6 +168,14 @@ impl Attachment {
 
     pub fn target(&self) -> &AttachTarget {
         &self.target
+    }
+
+    /// Makes the kernel device follow the volume's size after the volume grew.
+    pub fn refresh_size(&mut self) -> Result<(), FrontendError> {
+        match self.state.as_mut() {
+            Some(state) => state.refresh_size(),
+            None => Ok(()),
+        }
     }
 
     pub fn detach(mut self) -> Result<(), FrontendError> {

@@ -29,33 +29,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ObjectMeta, PostParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PostParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
-use tessera_api::model::Generation;
+use tessera_api::model::{ByteRange, Edit, ExtentMap, Generation};
 use tessera_api::v1alpha1::{
     AreaPhase, ClaimPhase, CopyPolicy, ObjectRef as ClaimRef, ReclaimTier, ReleaseRanges,
     RemapOperation, RemapOperationType, RemapPhase, RemapPolicy, StorageArea, StorageClaim,
-    StoragePool, StoragePriorityClass, VirtualVolume, VirtualVolumeSpec, VolumeMapping,
-    VolumeRange, VolumeRemap, VolumeRemapSpec,
+    StoragePool, StoragePriorityClass, VirtualVolume, VirtualVolumeSpec, VolumeLayout,
+    VolumeMapping, VolumeRange, VolumeRemap, VolumeRemapSpec,
 };
 
 use super::support::{
     CLAIM_FINALIZER, CLAIM_NAME_LABEL, CLAIM_NAMESPACE_LABEL, CLAIM_UID_LABEL,
-    PLANNED_MAPPING_ANNOTATION, POOL_LABEL, RECLAIM_STEP_LABEL, VOLUME_FINALIZER, human_bytes,
-    patch_status, reclaim_remap_name, reference, set_condition, unix_seconds, volume_name_for,
+    PLANNED_MAPPING_ANNOTATION, POOL_LABEL, RECLAIM_STEP_LABEL, VOLUME_FINALIZER, field_manager,
+    human_bytes, patch_status, reclaim_remap_name, reference, set_condition, unix_seconds,
+    volume_name_for,
 };
 use super::usage::{UsageReport, allocated_extent_ranges, area_pieces, extent_states};
 use super::view::{PoolView, extent_size};
 use super::{Config, Context, CrashPoint, Error, Informers, Result, volume};
 use crate::planners::allocation::{
     AllocationError, AllocationPlan, AllocationRequest, AreaReturn, PoolSnapshot, ReclaimRules,
-    Rejection, is_return_overdue, replan_excluding, select_return_ranges,
+    Rejection, TierSet, is_return_overdue, replan_excluding, select_return_ranges,
 };
-use crate::planners::placement::{PlacementRequest, PlacementRules, plan_placement};
+use crate::planners::placement::{
+    Placement, PlacementError, PlacementRequest, PlacementRules, plan_placement,
+};
 use crate::planners::total_len;
 
 /// Controller name in metrics.
@@ -174,8 +177,9 @@ async fn apply(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     let status = claim.status.clone().unwrap_or_default();
     match status.phase {
         Some(ClaimPhase::Bound) => {
-            if status.observed_generation != claim.metadata.generation {
-                spec_changed_after_binding(claim, ctx).await?;
+            if status.observed_generation != claim.metadata.generation || growth_pending(claim, ctx)
+            {
+                return grow(claim, ctx).await;
             }
             Ok(Action::requeue(ctx.config.resync))
         }
@@ -187,35 +191,348 @@ async fn apply(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     }
 }
 
-/// The spec of a Bound claim changed. Only `sizeBytes` matters (it may grow, D-5); growing a
-/// bound volume is not implemented yet, which a Warning says once per generation.
-async fn spec_changed_after_binding(claim: &StorageClaim, ctx: &Context) -> Result<()> {
+/// Condition of a Bound claim that says whether its last growth is done.
+pub const EXPANDED_CONDITION: &str = "Expanded";
+
+/// Bytes a wire mapping covers: the end of its last run.
+fn mapped_bytes(mapping: &VolumeMapping) -> i64 {
+    mapping
+        .extents
+        .iter()
+        .map(|r| r.offset + r.length)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether the claim's volume (as cached) is smaller than the claim: a growth was not finished
+/// (rejected for capacity, or interrupted between its two writes).
+fn growth_pending(claim: &StorageClaim, ctx: &Context) -> bool {
+    let Some(name) = claim.status.as_ref().and_then(|s| s.volume_name.as_deref()) else {
+        return false;
+    };
+    ctx.stores
+        .volumes
+        .get(&ObjectRef::new(name))
+        .is_some_and(|v| {
+            let mapped = v
+                .status
+                .as_ref()
+                .and_then(|s| s.mapping.as_ref())
+                .map_or(0, mapped_bytes);
+            mapped < claim.spec.size_bytes || v.spec.size_bytes < claim.spec.size_bytes
+        })
+}
+
+/// A Bound claim's `sizeBytes` grew (D-5: it may grow, never shrink). Two writes, in this
+/// order, each harmless on its own:
+///
+/// 1. the volume's `status.mapping` gets runs for the new bytes appended past its old end, at
+///    the next generation (one write, conditional on the volume's resourceVersion), planned like
+///    an allocation of the delta only (admission 600 and placement) under the allocator lock;
+/// 2. the volume's `spec.sizeBytes` is raised to the claim's size.
+///
+/// A crash between them leaves a mapping that covers more than `spec.sizeBytes`; the next
+/// reconcile sees the mapping covers the claim and only does step 2. Nodes never see a size
+/// their mapping does not cover. Growth never reclaims other volumes' space: if the unallocated
+/// space does not admit the delta, the claim stays Bound at its old size with
+/// `Expanded=False` and a Warning, and is tried again at every resync (docs/decisions.md).
+async fn grow(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     let status = claim.status.clone().unwrap_or_default();
-    let allocated = status.allocated_bytes.unwrap_or(0);
-    if claim.spec.size_bytes > allocated {
+    let Some(volume_name) = status.volume_name.clone() else {
+        return Ok(Action::requeue(ctx.config.resync));
+    };
+    let Some(mut volume) = ctx.stores.volumes.get(&ObjectRef::new(&volume_name)) else {
+        return Ok(Action::requeue(ctx.config.wait_retry));
+    };
+    let Some(mapping) = volume.status.as_ref().and_then(|s| s.mapping.clone()) else {
+        return Ok(Action::requeue(ctx.config.wait_retry));
+    };
+    let target = claim.spec.size_bytes;
+    let was_smaller = mapped_bytes(&mapping) < target || volume.spec.size_bytes < target;
+    if mapped_bytes(&mapping) < target {
+        match grow_mapping(claim, ctx, &volume, &mapping).await? {
+            Growth::Mapped(grown) => volume = grown,
+            Growth::Later(action) => return Ok(action),
+        }
+    }
+    let api: Api<VirtualVolume> = Api::all(ctx.client.clone());
+    if volume.spec.size_bytes < target {
+        volume = Arc::new(
+            api.patch(
+                &volume_name,
+                &field_manager(),
+                &Patch::Merge(json!({ "spec": { "sizeBytes": target } })),
+            )
+            .await?,
+        );
+    }
+    let mapping = volume
+        .status
+        .as_ref()
+        .and_then(|s| s.mapping.clone())
+        .ok_or(Error::MissingField("status.mapping"))?;
+    let es = mapping.extent_size_bytes.max(1) as u64;
+    let allocated = total_len(&allocated_extent_ranges(&mapping)) * es;
+    let message = format!(
+        "volume {volume_name} is {} ({target} bytes) at mapping generation {}",
+        human_bytes(target as u64),
+        mapping.generation
+    );
+    write_phase(
+        claim,
+        ctx,
+        ClaimPhase::Bound,
+        &[(EXPANDED_CONDITION, true, "Expanded", message.clone())],
+        Some(json!({ "allocatedBytes": allocated as i64 })),
+    )
+    .await?;
+    if was_smaller {
+        ctx.publish(
+            &reference(claim),
+            EventType::Normal,
+            "Expanded",
+            "Expand",
+            message,
+            Some(reference(volume.as_ref())),
+        )
+        .await;
+    }
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+enum Growth {
+    /// The mapping covers the claim now (the volume as written).
+    Mapped(Arc<VirtualVolume>),
+    /// Not now (a remap in flight, capacity short): the reconcile's answer.
+    Later(Action),
+}
+
+/// Step 1 of [`grow`]: plan the new extents and append them to the mapping.
+async fn grow_mapping(
+    claim: &StorageClaim,
+    ctx: &Context,
+    volume: &VirtualVolume,
+    mapping: &VolumeMapping,
+) -> Result<Growth> {
+    let name = volume.name_any();
+    // A remap of this volume in flight commits the next generation itself; growing now would
+    // race it. Its completion triggers this claim again (the volume changes).
+    let remap_in_flight = ctx
+        .stores
+        .remaps
+        .state()
+        .iter()
+        .any(|r| r.spec.volume_name == name && !is_final(r));
+    if remap_in_flight {
+        return Ok(Growth::Later(Action::requeue(ctx.config.wait_retry)));
+    }
+    let pool_name = claim.spec.pool_name.as_str();
+    let Some(pool) = ctx.stores.pools.get(&ObjectRef::new(pool_name)) else {
+        return Ok(Growth::Later(Action::requeue(ctx.config.resync)));
+    };
+    let as_mapping_error = |source| Error::Mapping {
+        volume: name.clone(),
+        source,
+    };
+    let old_bytes = mapped_bytes(mapping);
+    let old = mapping.to_model(old_bytes).map_err(as_mapping_error)?;
+    let es = old.extent_size();
+    let new_bytes = claim.spec.size_bytes.max(0) as u64;
+    // Whole extents the old end already holds (a partial last extent is reserved whole).
+    let base = es.extents_for(old_bytes as u64);
+    let delta = es.extents_for(new_bytes).saturating_sub(base);
+    let copies = u8::try_from(volume.spec.copies.clamp(1, 3)).unwrap_or(1);
+    // `grow` extends a partial last extent and appends a hole; the new runs fill the hole.
+    let grown = old.grow(new_bytes)?;
+
+    let mut book = ctx.allocator.lock().await;
+    let mut edits = Vec::new();
+    if delta > 0 {
+        let stores = &ctx.stores;
+        book.forget_cached(|v| stores.volumes.get(&ObjectRef::new(v)).is_some());
+        let view = PoolView::build(
+            Arc::clone(&pool),
+            &stores.areas.state(),
+            &stores.volumes.state(),
+            book.reservations(pool_name),
+        )?;
+        let earmark = earmarked(ctx, &view, &book.reclaims(pool_name), &claim_key(claim));
+        // Admission 600 ([0045]) for the delta only, without reclaim.
+        let admission = replan_excluding(
+            PoolSnapshot {
+                unallocated: view.unallocated().saturating_sub(earmark),
+                volumes: &[],
+            },
+            &AllocationRequest {
+                extents: delta,
+                copies,
+                priority_value: 0,
+                own_volumes: vec![name.clone()],
+            },
+            &ReclaimRules {
+                tiers: TierSet::NONE,
+                ..ReclaimRules::from(&pool.spec.reclaim)
+            },
+            &BTreeSet::new(),
+        );
+        if let Err(e) = admission {
+            drop(book);
+            let reason = match &e {
+                AllocationError::InsufficientCapacity(_) => Rejection::REASON,
+                AllocationError::EmptyRequest { .. } => "InvalidRequest",
+            };
+            return reject_growth(claim, ctx, reason, e.to_string()).await;
+        }
+        let rules = PlacementRules::from(&pool.spec.placement);
+        let placement = match place_growth(&view, claim, &old, delta, copies, &rules) {
+            Ok(p) => p,
+            Err(e) => {
+                drop(book);
+                return reject_growth(claim, ctx, e.reason(), e.to_string()).await;
+            }
+        };
+        let offset = base * es.get();
+        for run in placement.to_runs(new_bytes - offset, es)? {
+            edits.push(Edit::Assign {
+                range: ByteRange::new(offset + run.offset, run.length)?,
+                replicas: run.replicas,
+            });
+        }
+    }
+    let generation = old.generation().next();
+    let map = grown.edit(edits)?.with_generation(generation);
+    let wire = VolumeMapping::from_model(&map).map_err(as_mapping_error)?;
+    let api: Api<VirtualVolume> = Api::all(ctx.client.clone());
+    let written = patch_status(
+        &api,
+        &name,
+        json!({ "mapping": wire }),
+        volume.resource_version().as_deref(),
+    )
+    .await?;
+    // The reservations only cover volumes the cache does not show; this one it shows with the
+    // old mapping. Holding the lock until the cache has the new one keeps the next placement
+    // from handing out the same extents.
+    wait_for_cached_generation(ctx, &name, wire.generation).await;
+    drop(book);
+    ctx.crash_point(CrashPoint::VolumeGrown)?;
+    Ok(Growth::Mapped(Arc::new(written)))
+}
+
+/// Placement of `extents` new extents for a growing volume. `Single` keeps every replica in the
+/// area it already uses (D-24); `Concatenated` places the delta like a new volume.
+fn place_growth(
+    view: &PoolView,
+    claim: &StorageClaim,
+    old: &ExtentMap,
+    extents: u64,
+    copies: u8,
+    rules: &PlacementRules,
+) -> std::result::Result<Placement, PlacementError> {
+    let candidates = view.area_candidates();
+    let request = PlacementRequest {
+        extents,
+        copies,
+        layout: claim.spec.layout,
+        media_type: claim.spec.media_type.clone(),
+        preferred_node: claim.spec.preferred_node.clone(),
+    };
+    let held = old.runs().iter().find(|r| !r.is_hole());
+    match (claim.spec.layout, held) {
+        (VolumeLayout::Single, Some(run)) => {
+            let mut replicas = Vec::with_capacity(run.replicas.len());
+            for replica in &run.replicas {
+                let own: Vec<_> = candidates
+                    .iter()
+                    .filter(|c| c.area == replica.area)
+                    .cloned()
+                    .collect();
+                let one = plan_placement(
+                    &own,
+                    &PlacementRequest {
+                        copies: 1,
+                        preferred_node: None,
+                        ..request.clone()
+                    },
+                    rules,
+                )?;
+                replicas.extend(one.replicas);
+            }
+            Ok(Placement { extents, replicas })
+        }
+        _ => plan_placement(&candidates, &request, rules),
+    }
+}
+
+/// Polls the volume cache until it shows `generation` (5 s at most; a slower cache only
+/// weakens the guard, it does not corrupt anything already written).
+async fn wait_for_cached_generation(ctx: &Context, volume: &str, generation: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let cached = ctx
+            .stores
+            .volumes
+            .get(&ObjectRef::new(volume))
+            .and_then(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.mapping.as_ref())
+                    .map(|m| m.generation)
+            });
+        if cached.is_some_and(|g| g >= generation) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                volume,
+                generation,
+                "the cache did not show the grown mapping in 5 s"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The growth cannot be placed now: the claim stays Bound at its old size, `Expanded=False`
+/// says why (once per distinct reason), and the claim is tried again at the next resync.
+async fn reject_growth(
+    claim: &StorageClaim,
+    ctx: &Context,
+    reason: &str,
+    message: String,
+) -> Result<Growth> {
+    let status = claim.status.clone().unwrap_or_default();
+    let already = status.conditions.iter().any(|c| {
+        c.type_ == EXPANDED_CONDITION
+            && c.status == "False"
+            && c.reason == reason
+            && c.message == message
+            && c.observed_generation == claim.metadata.generation
+    });
+    if !already {
+        write_phase(
+            claim,
+            ctx,
+            ClaimPhase::Bound,
+            &[(EXPANDED_CONDITION, false, reason, message.clone())],
+            None,
+        )
+        .await?;
         ctx.publish(
             &reference(claim),
             EventType::Warning,
-            "ExpansionNotSupported",
-            "Allocate",
+            "ExpansionRejected",
+            "Expand",
             format!(
-                "sizeBytes grew to {} but growing a bound volume is not implemented yet; volume \
-                 {} keeps {allocated} bytes",
-                claim.spec.size_bytes,
-                status.volume_name.unwrap_or_default()
+                "growing to {} bytes: {reason}: {message}",
+                claim.spec.size_bytes
             ),
             None,
         )
         .await;
     }
-    patch_status(
-        &claim_api(ctx, claim),
-        &claim.name_any(),
-        json!({ "observedGeneration": claim.metadata.generation }),
-        None,
-    )
-    .await?;
-    Ok(())
+    Ok(Growth::Later(Action::requeue(ctx.config.resync)))
 }
 
 /// Everything `allocate` needs about the claim, resolved once.

@@ -119,6 +119,9 @@ pub enum CrashPoint {
     VolumeMapped,
     /// The claim is `Bound`.
     ClaimBound,
+    /// A growing volume's mapping covers the claim's new size; its `spec.sizeBytes` is not
+    /// raised yet.
+    VolumeGrown,
 }
 
 /// Why a reconcile failed. Every variant is retried by the error policy.

@@ -24,7 +24,9 @@
 pub mod accounting;
 pub mod allocation;
 pub mod charging;
+pub mod migration;
 pub mod placement;
+pub mod remap;
 
 use std::fmt;
 

@@ -1,0 +1,143 @@
+//! Local files of the agent: the mapping cache `<state-dir>/mappings/<id>.json` (ARCHITECTURE
+//! §4: a restarted node plugin serves its volumes at the cached generation even while the API is
+//! unreachable, §8) and `<state-dir>/node.json` (what `tessera local` publishes).
+//!
+//! Every file is replaced atomically: written to a temporary file, fsynced, renamed, and the
+//! directory fsynced, so a crash leaves the old or the new content, never a torn one.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tessera_api::v1alpha1::VolumeMapping;
+
+use super::staging::Capability;
+use super::{Agent, AgentError};
+
+/// One cached staged volume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedVolume {
+    pub volume_id: String,
+    pub size_bytes: i64,
+    /// The applied mapping (its generation is the applied generation).
+    pub mapping: VolumeMapping,
+    pub staging_path: PathBuf,
+    pub capability: Capability,
+    /// Targets the volume was published at.
+    #[serde(default)]
+    pub published: Vec<PathBuf>,
+}
+
+/// `<dir>/<file>` replaced atomically (see the module docs).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), AgentError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| AgentError::io(format!("create {}", dir.display()), e))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(data)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| AgentError::io(format!("write {}", path.display()), e))
+}
+
+fn mapping_path(state_dir: &Path, volume: &str) -> PathBuf {
+    state_dir.join("mappings").join(format!("{volume}.json"))
+}
+
+pub(crate) fn store(state_dir: &Path, entry: &CachedVolume) -> Result<(), AgentError> {
+    let data = serde_json::to_vec_pretty(entry)
+        .map_err(|e| AgentError::InvalidConfig(format!("serializing the mapping cache: {e}")))?;
+    write_atomic(&mapping_path(state_dir, &entry.volume_id), &data)
+}
+
+pub(crate) fn remove(state_dir: &Path, volume: &str) -> Result<(), AgentError> {
+    let path = mapping_path(state_dir, volume);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(AgentError::io(format!("remove {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Every cached volume; unreadable entries are logged and skipped.
+pub fn load_all(state_dir: &Path) -> Vec<CachedVolume> {
+    let dir = state_dir.join("mappings");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|data| {
+                serde_json::from_slice::<CachedVolume>(&data).map_err(|e| e.to_string())
+            }) {
+            Ok(cached) => out.push(cached),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "unreadable mapping cache entry")
+            }
+        }
+    }
+    out.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+    out
+}
+
+/// The `volumes` entries of node.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeJsonVolume {
+    pub nbd_uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    pub staging_path: String,
+}
+
+/// `<state-dir>/node.json` (contract in docs/node-agent.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeJson {
+    pub node_id: String,
+    pub csi_socket: String,
+    pub extent_server: String,
+    pub control_endpoint: String,
+    pub volumes: BTreeMap<String, NodeJsonVolume>,
+}
+
+/// Rewrites node.json from the staged registry.
+pub(crate) async fn write_node_json(agent: &Agent) -> Result<(), AgentError> {
+    let volumes = {
+        let staged = agent.staged.lock().await;
+        staged.node_json_volumes()
+    };
+    write_node_json_with(agent, volumes)
+}
+
+pub(crate) fn write_node_json_with(
+    agent: &Agent,
+    volumes: BTreeMap<String, NodeJsonVolume>,
+) -> Result<(), AgentError> {
+    let doc = NodeJson {
+        node_id: agent.config.node_id.clone(),
+        csi_socket: agent.config.csi_socket.display().to_string(),
+        extent_server: agent.extent_endpoint(),
+        control_endpoint: agent.control_endpoint(),
+        volumes,
+    };
+    let data = serde_json::to_vec_pretty(&doc)
+        .map_err(|e| AgentError::InvalidConfig(format!("serializing node.json: {e}")))?;
+    write_atomic(&agent.config.state_dir.join("node.json"), &data)
+}

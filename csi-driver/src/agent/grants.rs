@@ -1,0 +1,165 @@
+//! The lender side of seed 001 §4.5: the borrower reaches the lender's area through the lender's
+//! agent. A VirtualVolume watch keeps the extent server's authorization table equal to: every
+//! node in `spec.access_nodes()` other than this one may read and write the ranges the volume's
+//! committed mapping places on this node's areas, at that mapping generation. A node that leaves
+//! `access_nodes()` (ControllerUnpublish) loses its ranges at once (seed 001 §8.4: only the
+//! recorded borrower of a mounted volume is served).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use tessera_api::model::{AreaId, Generation};
+use tessera_api::v1alpha1::VirtualVolume;
+use tessera_nbd::Permission;
+use tokio::sync::watch;
+
+use super::Agent;
+use crate::extent_server::ExtentAuthorization;
+
+/// What one volume grants on this node: generation and ranges, per borrower.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeGrants {
+    pub generation: Generation,
+    pub peers: BTreeSet<String>,
+    pub ranges: Vec<(AreaId, Range<u64>, Permission)>,
+}
+
+/// The grants a volume implies on this node, `None` when it implies none (not mapped, not
+/// published, or nothing of it on this node's areas).
+pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option<VolumeGrants> {
+    let mapping = volume.status.as_ref()?.mapping.as_ref()?;
+    let peers: BTreeSet<String> = volume
+        .spec
+        .access_nodes()
+        .into_iter()
+        .filter(|n| *n != node)
+        .map(str::to_string)
+        .collect();
+    if peers.is_empty() {
+        return None;
+    }
+    let map = match mapping.to_model(volume.spec.size_bytes) {
+        Ok(map) => map,
+        Err(error) => {
+            tracing::warn!(volume = %volume.name_any(), %error, "unusable mapping; nothing granted");
+            return None;
+        }
+    };
+    let mut ranges = Vec::new();
+    for run in map.runs().iter().filter(|r| !r.is_hole()) {
+        for replica in run.replicas.iter().filter(|r| local.contains(&r.area)) {
+            ranges.push((
+                replica.area.clone(),
+                replica.area_offset..replica.area_offset + run.length,
+                Permission::ReadWrite,
+            ));
+        }
+    }
+    if ranges.is_empty() {
+        return None;
+    }
+    Some(VolumeGrants {
+        generation: map.generation(),
+        peers,
+        ranges,
+    })
+}
+
+/// The grant table's view: volume → peers currently granted.
+#[derive(Default)]
+struct Granted {
+    volumes: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Granted {
+    fn apply(&mut self, auth: &ExtentAuthorization, name: &str, grants: Option<VolumeGrants>) {
+        let before = self.volumes.remove(name).unwrap_or_default();
+        let after = grants.as_ref().map(|g| g.peers.clone()).unwrap_or_default();
+        for peer in before.difference(&after) {
+            auth.revoke_volume(peer, name);
+        }
+        if let Some(grants) = grants {
+            let mut installed = BTreeSet::new();
+            for peer in &grants.peers {
+                match auth.grant_volume(peer, name, grants.generation, grants.ranges.clone()) {
+                    Ok(()) => {
+                        installed.insert(peer.clone());
+                    }
+                    Err(error) => {
+                        tracing::warn!(volume = name, %peer, %error, "grant refused");
+                    }
+                }
+            }
+            if !installed.is_empty() {
+                self.volumes.insert(name.to_string(), installed);
+            }
+        }
+    }
+}
+
+/// Runs the watch until `stopped`.
+pub(crate) async fn run(agent: Arc<Agent>, mut stopped: watch::Receiver<bool>) {
+    let Some(auth) = agent
+        .extent_server
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|s| Arc::clone(s.authorization()))
+    else {
+        return;
+    };
+    if agent.local_areas.is_empty() {
+        // Nothing to lend.
+        return;
+    }
+    let api: Api<VirtualVolume> = Api::all(agent.client.clone());
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut granted = Granted::default();
+    let mut listed: Option<BTreeSet<String>> = None;
+    let node = agent.config.node_id.clone();
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => event,
+            _ = stopped.changed() => return,
+        };
+        let Some(event) = event else { return };
+        match event {
+            Ok(Event::Apply(volume)) => {
+                let name = volume.name_any();
+                granted.apply(&auth, &name, grants_of(&volume, &node, &agent.local_areas));
+            }
+            Ok(Event::Delete(volume)) => granted.apply(&auth, &volume.name_any(), None),
+            Ok(Event::Init) => listed = Some(BTreeSet::new()),
+            Ok(Event::InitApply(volume)) => {
+                let name = volume.name_any();
+                granted.apply(&auth, &name, grants_of(&volume, &node, &agent.local_areas));
+                if let Some(listed) = listed.as_mut() {
+                    listed.insert(name);
+                }
+            }
+            Ok(Event::InitDone) => {
+                // Volumes deleted while the watch was down.
+                if let Some(listed) = listed.take() {
+                    let gone: Vec<String> = granted
+                        .volumes
+                        .keys()
+                        .filter(|v| !listed.contains(*v))
+                        .cloned()
+                        .collect();
+                    for volume in gone {
+                        granted.apply(&auth, &volume, None);
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "VirtualVolume watch"),
+        }
+    }
+}

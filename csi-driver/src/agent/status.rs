@@ -1,0 +1,224 @@
+//! What the agent writes into the API besides areas: the node Lease (the node registry,
+//! ARCHITECTURE §8), `VirtualVolume.status.attachments`, and the usage-report annotation
+//! (docs/operator.md "Usage channel").
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use roaring::RoaringBitmap;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tessera_api::v1alpha1::{AttachmentState, VirtualVolume, VolumeAttachment};
+
+use super::{Agent, AgentError};
+use crate::engine::Volume;
+
+/// The annotation the node writes its usage view into (format: docs/operator.md).
+pub const USAGE_REPORT_ANNOTATION: &str = "tessera.io/usage-report";
+/// Lease annotation with the node-control endpoint.
+pub const CONTROL_ENDPOINT_ANNOTATION: &str = "tessera.io/control-endpoint";
+
+/// Name of a node's Lease.
+pub fn lease_name(node_id: &str) -> String {
+    format!("tessera-node-{node_id}")
+}
+
+/// Creates or renews the Lease `tessera-node-<id>`: holder = node id, the node-control
+/// endpoint in an annotation, duration four heartbeats.
+pub(crate) async fn renew_lease(agent: &Agent) -> Result<(), AgentError> {
+    let api: Api<Lease> = Api::namespaced(agent.client.clone(), &agent.config.namespace);
+    let name = lease_name(&agent.config.node_id);
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let duration = (agent.config.heartbeat.as_secs().max(1) * 4) as i32;
+    let body = json!({
+        "metadata": {
+            "name": name,
+            "annotations": {CONTROL_ENDPOINT_ANNOTATION: agent.control_endpoint()},
+            "labels": {"app.kubernetes.io/name": "tessera", "tessera.io/node": agent.config.node_id},
+        },
+        "spec": {
+            "holderIdentity": agent.config.node_id,
+            "leaseDurationSeconds": duration,
+            "renewTime": now,
+        },
+    });
+    match api
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&body))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            let mut lease: Lease = serde_json::from_value(body)
+                .map_err(|e| AgentError::InvalidConfig(format!("lease body: {e}")))?;
+            lease.spec.get_or_insert_with(Default::default).acquire_time = Some(now);
+            match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+                Err(e) => Err(AgentError::api(format!("create Lease {name}"), e)),
+            }
+        }
+        Err(e) => Err(AgentError::api(format!("renew Lease {name}"), e)),
+    }
+}
+
+/// Sets (`Some(generation)`) or removes (`None`) this node's entry in
+/// `status.attachments`: a merge patch conditional on the resourceVersion, retried on conflict.
+pub(crate) async fn set_attachment(
+    agent: &Agent,
+    volume: &str,
+    generation: Option<i64>,
+) -> Result<(), AgentError> {
+    let api: Api<VirtualVolume> = Api::all(agent.client.clone());
+    let node = &agent.config.node_id;
+    for attempt in 0..10 {
+        let Some(current) = api
+            .get_opt(volume)
+            .await
+            .map_err(|e| AgentError::api(format!("get VirtualVolume {volume}"), e))?
+        else {
+            // Gone: nothing to record.
+            return Ok(());
+        };
+        let mut attachments: Vec<VolumeAttachment> = current
+            .status
+            .as_ref()
+            .map(|s| s.attachments.clone())
+            .unwrap_or_default();
+        let before = attachments.clone();
+        attachments.retain(|a| &a.node != node);
+        if let Some(generation) = generation {
+            attachments.push(VolumeAttachment {
+                node: node.clone(),
+                applied_generation: generation,
+                state: AttachmentState::Running,
+            });
+            attachments.sort_by(|a, b| a.node.cmp(&b.node));
+        }
+        if attachments == before {
+            return Ok(());
+        }
+        let patch = json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "status": {"attachments": attachments},
+        });
+        match api
+            .patch_status(volume, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(e) => {
+                return Err(AgentError::api(
+                    format!("patch VirtualVolume {volume} attachments"),
+                    e,
+                ));
+            }
+        }
+    }
+    Err(AgentError::Unsupported(format!(
+        "VirtualVolume {volume}: attachments kept conflicting"
+    )))
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireReport {
+    sequence: u64,
+    node: String,
+    in_use: ByteString,
+    high_priority: ByteString,
+}
+
+/// Portable roaring serialization.
+pub fn bitmap_bytes(bitmap: &RoaringBitmap) -> Vec<u8> {
+    let mut optimized = bitmap.clone();
+    optimized.optimize();
+    let mut bytes = Vec::with_capacity(optimized.serialized_size());
+    // Writing into a Vec cannot fail.
+    let _ = optimized.serialize_into(&mut bytes);
+    bytes
+}
+
+/// The annotation value: `{"sequence", "node", "inUse", "highPriority"}` with base64 roaring
+/// bitmaps (the format of the operator's `controllers::usage::UsageReport`).
+pub fn usage_report_json(
+    sequence: u64,
+    node: &str,
+    in_use: &RoaringBitmap,
+    high_priority: &RoaringBitmap,
+) -> String {
+    let report = WireReport {
+        sequence,
+        node: node.to_string(),
+        in_use: ByteString(bitmap_bytes(in_use)),
+        high_priority: ByteString(bitmap_bytes(high_priority)),
+    };
+    serde_json::to_string(&report).unwrap_or_default()
+}
+
+/// Parses an annotation value back into `(in_use, high_priority)` (restoring usage on stage).
+pub fn parse_usage_report(value: &str) -> Option<(RoaringBitmap, RoaringBitmap)> {
+    let report: WireReport = serde_json::from_str(value).ok()?;
+    let in_use = RoaringBitmap::deserialize_from(&report.in_use.0[..]).ok()?;
+    let high = RoaringBitmap::deserialize_from(&report.high_priority.0[..]).ok()?;
+    Some((in_use, high))
+}
+
+/// Writes the usage report of one volume.
+pub(crate) async fn write_usage_report(
+    agent: &Agent,
+    volume: &Volume,
+    in_use: &RoaringBitmap,
+    high: &RoaringBitmap,
+) -> Result<(), AgentError> {
+    let api: Api<VirtualVolume> = Api::all(agent.client.clone());
+    let value = usage_report_json(
+        agent.next_usage_sequence(),
+        &agent.config.node_id,
+        in_use,
+        high,
+    );
+    let patch = json!({"metadata": {"annotations": {USAGE_REPORT_ANNOTATION: value}}});
+    api.patch(
+        volume.name(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(|e| AgentError::api(format!("usage report of {}", volume.name()), e))?;
+    Ok(())
+}
+
+/// Every heartbeat: a report for each staged volume whose bitmaps changed since the last one.
+pub(crate) async fn report_usage_all(agent: &Arc<Agent>) {
+    let volumes: Vec<(Arc<Volume>, Option<(RoaringBitmap, RoaringBitmap)>)> = {
+        let staged = agent.staged.lock().await;
+        staged
+            .volumes
+            .values()
+            .map(|v| (Arc::clone(&v.volume), v.last_report.clone()))
+            .collect()
+    };
+    for (volume, last) in volumes {
+        let now = (volume.in_use_extents(), volume.high_priority_extents());
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        match write_usage_report(agent, &volume, &now.0, &now.1).await {
+            Ok(()) => {
+                let mut staged = agent.staged.lock().await;
+                if let Some(entry) = staged.volumes.get_mut(volume.name()) {
+                    entry.last_report = Some(now);
+                }
+            }
+            Err(error) => tracing::warn!(volume = volume.name(), %error, "usage report failed"),
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! What the scenarios read from the API: volumes and their mappings, areas, the pool's
+//! counters, claims. Waits poll, because the operator and the nodes converge asynchronously.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use tessera_api::v1alpha1::{
+    DataPriority, Reclaimable, StorageArea, StorageClaim, StoragePool, StoragePriorityClass,
+    StoragePriorityClassSpec, VirtualVolume,
+};
+
+use crate::env::Environment;
+use crate::error::{E2eError, Result};
+
+const POLL: Duration = Duration::from_millis(250);
+
+/// Polls `probe` until it answers [`Poll::Ready`], for at most `timeout`; on timeout the error
+/// carries what the last [`Poll::Pending`] saw.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Poll<T>>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match probe().await? {
+            Poll::Ready(v) => return Ok(v),
+            Poll::Pending(last) => last,
+        };
+        if start.elapsed() >= timeout {
+            return Err(E2eError::Timeout {
+                what: what.to_string(),
+                seconds: timeout.as_secs(),
+                last,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// One look at the state a wait is for: done, or not yet (with what was seen).
+pub enum Poll<T> {
+    Ready(T),
+    Pending(String),
+}
+
+pub async fn volume(env: &Environment, id: &str) -> Result<Option<VirtualVolume>> {
+    Api::<VirtualVolume>::all(env.kube.clone())
+        .get_opt(id)
+        .await
+        .map_err(|e| E2eError::kube(format!("get VirtualVolume {id}"), e))
+}
+
+pub async fn existing_volume(env: &Environment, id: &str) -> Result<VirtualVolume> {
+    volume(env, id)
+        .await?
+        .ok_or_else(|| E2eError::Check(format!("VirtualVolume {id} does not exist")))
+}
+
+pub async fn claim(env: &Environment, namespace: &str, name: &str) -> Result<Option<StorageClaim>> {
+    Api::<StorageClaim>::namespaced(env.kube.clone(), namespace)
+        .get_opt(name)
+        .await
+        .map_err(|e| E2eError::kube(format!("get StorageClaim {namespace}/{name}"), e))
+}
+
+/// Claims labelled with the CSI name the controller derived them from.
+pub async fn claims_for_csi_name(env: &Environment, csi_name: &str) -> Result<Vec<StorageClaim>> {
+    let lp = ListParams::default().labels(&format!("tessera.io/csi-name={csi_name}"));
+    Api::<StorageClaim>::all(env.kube.clone())
+        .list(&lp)
+        .await
+        .map(|l| l.items)
+        .map_err(|e| E2eError::kube(format!("list StorageClaims of {csi_name}"), e))
+}
+
+pub async fn delete_claim(env: &Environment, namespace: &str, name: &str) -> Result<()> {
+    match Api::<StorageClaim>::namespaced(env.kube.clone(), namespace)
+        .delete(name, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(E2eError::kube(
+            format!("delete StorageClaim {namespace}/{name}"),
+            e,
+        )),
+    }
+}
+
+pub async fn pool(env: &Environment) -> Result<StoragePool> {
+    Api::<StoragePool>::all(env.kube.clone())
+        .get(&env.pool)
+        .await
+        .map_err(|e| E2eError::kube(format!("get StoragePool {}", env.pool), e))
+}
+
+/// The pool's extent size (the unit of allocation and of every size in the scenarios).
+pub async fn extent_size(env: &Environment) -> Result<u64> {
+    let pool = pool(env).await?;
+    u64::try_from(pool.spec.extent_size_bytes)
+        .map_err(|_| E2eError::Check("the pool's extentSizeBytes is negative".into()))
+}
+
+/// `status.unallocatedBytes` and `status.totalBytes` of the pool.
+pub async fn pool_bytes(env: &Environment) -> Result<(i64, i64)> {
+    let pool = pool(env).await?;
+    let status = pool.status.unwrap_or_default();
+    Ok((status.unallocated_bytes, status.total_bytes))
+}
+
+/// Waits until the pool's unallocated bytes equal `expected` (counters are debounced).
+pub async fn wait_pool_unallocated(env: &Environment, expected: i64, why: &str) -> Result<()> {
+    wait_for(
+        &format!("pool {} unallocatedBytes = {expected} ({why})", env.pool),
+        env.timeout,
+        || async {
+            let (unallocated, total) = pool_bytes(env).await?;
+            Ok(if unallocated == expected {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!("unallocated {unallocated} of {total}"))
+            })
+        },
+    )
+    .await
+}
+
+/// Area name → the node that owns it (`spec.nodeName`).
+pub async fn area_nodes(env: &Environment) -> Result<BTreeMap<String, String>> {
+    let areas = Api::<StorageArea>::all(env.kube.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| E2eError::kube("list StorageAreas", e))?;
+    Ok(areas
+        .items
+        .into_iter()
+        .filter_map(|a| Some((a.metadata.name?, a.spec.node_name)))
+        .collect())
+}
+
+/// The nodes holding at least one replica of the volume's mapped extents, by mapped bytes.
+pub async fn holder_nodes(env: &Environment, vol: &VirtualVolume) -> Result<BTreeMap<String, i64>> {
+    let areas = area_nodes(env).await?;
+    let mut nodes = BTreeMap::new();
+    let runs = vol
+        .status
+        .as_ref()
+        .and_then(|s| s.mapping.as_ref())
+        .map(|m| m.extents.as_slice())
+        .unwrap_or_default();
+    for run in runs {
+        for replica in &run.replicas {
+            let node = areas.get(&replica.area).cloned().ok_or_else(|| {
+                E2eError::Check(format!(
+                    "volume maps to area {} which does not exist",
+                    replica.area
+                ))
+            })?;
+            *nodes.entry(node).or_insert(0) += run.length;
+        }
+    }
+    Ok(nodes)
+}
+
+/// Bytes of the volume that its committed mapping backs with extents (holes excluded).
+pub fn mapped_bytes(vol: &VirtualVolume) -> i64 {
+    vol.status
+        .as_ref()
+        .and_then(|s| s.mapping.as_ref())
+        .map(|m| {
+            m.extents
+                .iter()
+                .filter(|r| !r.replicas.is_empty())
+                .map(|r| r.length)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Whether `[offset, offset + len)` of the volume is entirely backed by extents.
+pub fn range_mapped(vol: &VirtualVolume, offset: i64, len: i64) -> bool {
+    let Some(mapping) = vol.status.as_ref().and_then(|s| s.mapping.as_ref()) else {
+        return false;
+    };
+    let mut covered = 0;
+    for run in &mapping.extents {
+        let start = run.offset.max(offset);
+        let end = (run.offset + run.length).min(offset + len);
+        if end > start {
+            if run.replicas.is_empty() {
+                return false;
+            }
+            covered += end - start;
+        }
+    }
+    covered == len
+}
+
+pub fn mapping_generation(vol: &VirtualVolume) -> Option<i64> {
+    vol.status
+        .as_ref()
+        .and_then(|s| s.mapping.as_ref())
+        .map(|m| m.generation)
+}
+
+/// Creates the priority classes of `examples/02-priority-classes.yaml` when they are missing
+/// (`tessera local` and the chart install them; a bare cluster may not have them).
+pub async fn ensure_priority_classes(env: &Environment) -> Result<()> {
+    let api = Api::<StoragePriorityClass>::all(env.kube.clone());
+    for (name, value, data_priority, low_data) in [
+        ("high", 1000, DataPriority::High, false),
+        ("low", 100, DataPriority::Low, true),
+    ] {
+        if api
+            .get_opt(name)
+            .await
+            .map_err(|e| E2eError::kube(format!("get StoragePriorityClass {name}"), e))?
+            .is_some()
+        {
+            continue;
+        }
+        let class = StoragePriorityClass::new(
+            name,
+            StoragePriorityClassSpec {
+                value,
+                data_priority,
+                reclaimable: Reclaimable {
+                    unused: true,
+                    low_priority_data: low_data,
+                },
+                description: Some("created by the tessera end-to-end scenarios".into()),
+            },
+        );
+        match api.create(&PostParams::default(), &class).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => {
+                return Err(E2eError::kube(
+                    format!("create StoragePriorityClass {name}"),
+                    e,
+                ));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! CSI over a unix socket, the transport kubelet and the sidecars use.
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tessera_proto::csi::v1::{
+    controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::error::{E2eError, Result};
+
+/// A channel to one CSI endpoint.
+#[derive(Clone, Debug)]
+pub struct CsiConnection {
+    socket: PathBuf,
+    channel: Channel,
+}
+
+impl CsiConnection {
+    /// Connects to `socket`. The URI is a placeholder: the connector ignores it and dials the
+    /// socket, as tonic has no unix scheme of its own.
+    pub async fn connect(socket: &Path) -> Result<Self> {
+        let path = socket.to_path_buf();
+        let channel = Endpoint::from_static("http://[::1]:50051")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move { UnixStream::connect(path).await.map(TokioIo::new) }
+            }))
+            .await
+            .map_err(|source| E2eError::Connect {
+                socket: socket.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            channel,
+        })
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(self.channel.clone())
+    }
+
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel.clone())
+    }
+
+    pub fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel.clone())
+    }
+}

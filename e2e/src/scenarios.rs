@@ -1,0 +1,616 @@
+//! The end-to-end scenarios. Each takes an [`Environment`], acts as the orchestrator would, checks
+//! what the API and the data say, and takes down what it set up whether it passed or not.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use tessera_api::v1alpha1::{AttachmentState, ClaimPhase, VirtualVolume};
+use tonic::Code;
+
+use crate::cluster::{self, Poll, wait_for};
+use crate::co::{Attached, Orchestrator, PUBLISH_GENERATION, Provisioned, VolumeRequest};
+use crate::ensure;
+use crate::env::Environment;
+use crate::error::{E2eError, Result};
+use crate::io::{VolumeIo, first_difference, pattern};
+
+type ScenarioFuture<'a> = Pin<Box<dyn Future<Output = Result<()>> + 'a>>;
+
+/// One named scenario.
+pub struct Scenario {
+    /// What the scenario proves, as a name.
+    pub name: &'static str,
+    pub run: for<'a> fn(&'a Environment) -> ScenarioFuture<'a>,
+}
+
+/// Every scenario, in the order they are meant to run.
+pub fn all() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "data_follows_the_borrower_to_a_remote_node_and_survives_expansion",
+            run: |env| Box::pin(data_follows_the_borrower_to_a_remote_node(env)),
+        },
+        Scenario {
+            name: "claim_reclaims_unused_extents_of_a_detached_low_priority_volume",
+            run: |env| Box::pin(claim_reclaims_unused_extents_of_a_detached_low_priority_volume(env)),
+        },
+        Scenario {
+            name: "claim_larger_than_the_pool_is_rejected_and_allocates_nothing",
+            run: |env| Box::pin(claim_larger_than_the_pool_is_rejected_and_allocates_nothing(env)),
+        },
+        Scenario {
+            name: "second_single_writer_publish_is_refused_until_the_first_unpublishes",
+            run: |env| Box::pin(second_single_writer_publish_is_refused(env)),
+        },
+    ]
+}
+
+/// The outcome of one scenario.
+#[derive(Debug)]
+pub struct Outcome {
+    pub name: &'static str,
+    pub result: Result<()>,
+    pub elapsed: Duration,
+}
+
+/// Runs `scenarios` one after the other (they share the pool, so they must not overlap) and
+/// calls `report` after each.
+pub async fn run(
+    env: &Environment,
+    scenarios: &[Scenario],
+    mut report: impl FnMut(&Outcome),
+) -> Vec<Outcome> {
+    let mut outcomes = Vec::new();
+    for s in scenarios {
+        let start = Instant::now();
+        let result = (s.run)(env).await;
+        let outcome = Outcome {
+            name: s.name,
+            result,
+            elapsed: start.elapsed(),
+        };
+        report(&outcome);
+        outcomes.push(outcome);
+    }
+    outcomes
+}
+
+/// Runs `body` with a fresh orchestrator and always cleans up after it; a cleanup failure is
+/// reported after the body's own error.
+async fn with_orchestrator<'e, F>(env: &'e Environment, body: F) -> Result<()>
+where
+    F: AsyncFnOnce(&mut Orchestrator<'e>) -> Result<()>,
+{
+    let mut co = Orchestrator::new(env);
+    let result = body(&mut co).await;
+    let cleanup = co.cleanup().await;
+    match (result, cleanup) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Err(c)) => Err(c),
+        (Err(e), Err(c)) => Err(E2eError::Many(vec![e, c])),
+    }
+}
+
+/// Seed 001 §4.3–§4.6 and acceptance scenarios 4–6, 11: allocate → mount on node 1 → write →
+/// unmount → mount on node 2, which reaches the extents on other nodes through their agents
+/// (extent servers) → the same bytes → expand → delete, and the extents are back in the pool.
+pub async fn data_follows_the_borrower_to_a_remote_node(env: &Environment) -> Result<()> {
+    with_orchestrator(env, async |co: &mut Orchestrator<'_>| {
+        cluster::ensure_priority_classes(env).await?;
+        let extent = cluster::extent_size(env).await?;
+        let (unallocated_before, _) = cluster::pool_bytes(env).await?;
+        let node1 = env.nodes[0].name.clone();
+        let size = 4 * extent;
+
+        // Allocate (seed 001 S5): CreateVolume → a Bound claim and a fully mapped volume.
+        let vol = co
+            .create_volume(&VolumeRequest::block("e2e-move", size, "high").on_node(&node1))
+            .await?;
+        ensure!(
+            vol.capacity_bytes >= size as i64,
+            "CreateVolume returned {} bytes for a {size}-byte request",
+            vol.capacity_bytes
+        );
+        expect_bound_claim(env, &vol).await?;
+        let vv = cluster::existing_volume(env, &vol.id).await?;
+        ensure!(
+            cluster::range_mapped(&vv, 0, size as i64),
+            "volume {} is not fully mapped after CreateVolume: {:?}",
+            vol.id,
+            vv.status.as_ref().and_then(|s| s.mapping.as_ref())
+        );
+
+        // Mount on node 1 (S4): the borrower is recorded, the node reports the attachment.
+        let att1 = co.attach(&vol, &node1).await?;
+        expect_published_generation(&att1, &vv)?;
+        wait_attached(env, &vol.id, &node1).await?;
+
+        // Write a pattern spanning two extent boundaries, and the volume's last MiB.
+        let ranges = [(extent / 2, 2 * extent), (size - (1 << 20), 1 << 20)];
+        let io = co.open_io(&att1).await?;
+        ensure!(
+            io.size() >= size,
+            "{} shows {} bytes, expected at least {size}",
+            io.describe(),
+            io.size()
+        );
+        for &(offset, len) in &ranges {
+            write_and_verify(&io, 11, offset, len).await?;
+        }
+        io.close().await;
+
+        // Unmount (S3): nothing of the path stays behind on node 1.
+        co.detach(&att1).await?;
+        wait_detached(env, &vol.id, &node1).await?;
+        expect_no_export(co, &vol.id, &node1)?;
+
+        // Mount on a node that does not hold every extent: some I/O now goes to another
+        // node's extent server (seed 001 [0035]–[0039]).
+        let holders = cluster::holder_nodes(env, &vv).await?;
+        let node2 = env
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .find(|n| *n != node1 && holders.keys().any(|h| h != n))
+            .ok_or_else(|| {
+                E2eError::Check(format!(
+                    "every other node holds all extents of {} ({holders:?}); cannot test remote access",
+                    vol.id
+                ))
+            })?;
+        let att2 = co.attach(&vol, &node2).await?;
+        wait_attached(env, &vol.id, &node2).await?;
+        let io = co.open_io(&att2).await?;
+        for &(offset, len) in &ranges {
+            verify(&io, 11, offset, len).await?;
+        }
+        io.close().await;
+
+        // Expand while published on node 2: new extents at the end, old data untouched, the
+        // new range reads as zeros and takes writes.
+        let new_size = size + 2 * extent;
+        let capacity = co.expand(&vol, new_size, Some(&att2)).await?;
+        ensure!(
+            capacity >= new_size as i64,
+            "ControllerExpandVolume reported {capacity} bytes for {new_size}"
+        );
+        wait_for(
+            &format!("{} mapped to {new_size} bytes", vol.id),
+            env.timeout,
+            || async {
+                let vv = cluster::existing_volume(env, &vol.id).await?;
+                Ok(
+                    if vv.spec.size_bytes >= new_size as i64
+                        && cluster::range_mapped(&vv, 0, new_size as i64)
+                    {
+                        Poll::Ready(())
+                    } else {
+                        Poll::Pending(format!(
+                            "spec.sizeBytes {} mapped {}",
+                            vv.spec.size_bytes,
+                            cluster::mapped_bytes(&vv)
+                        ))
+                    },
+                )
+            },
+        )
+        .await?;
+        let io = co.open_io(&att2).await?;
+        ensure!(
+            io.size() >= new_size,
+            "after NodeExpandVolume {} shows {} bytes, expected {new_size}",
+            io.describe(),
+            io.size()
+        );
+        for &(offset, len) in &ranges {
+            verify(&io, 11, offset, len).await?;
+        }
+        verify_zeros(&io, size, new_size - size).await?;
+        write_and_verify(&io, 12, size, new_size - size).await?;
+        verify(&io, 11, ranges[0].0, ranges[0].1).await?;
+        io.close().await;
+        co.detach(&att2).await?;
+        wait_detached(env, &vol.id, &node2).await?;
+
+        // Delete: claim and volume gone, every extent back in the pool.
+        let (claim_ns, claim_name) = vol.claim()?;
+        co.delete_volume(&vol.id).await?;
+        wait_gone(env, &vol.id, &claim_ns, &claim_name).await?;
+        cluster::wait_pool_unallocated(env, unallocated_before, "after DeleteVolume").await
+    })
+    .await
+}
+
+/// Seed 000 [0045]–[0058], Fig. 7: a claim larger than the free space is admitted because a
+/// detached low-priority volume holds allocated-but-unused extents; those are released (from
+/// the end of the victim) and the victim's data stays.
+pub async fn claim_reclaims_unused_extents_of_a_detached_low_priority_volume(
+    env: &Environment,
+) -> Result<()> {
+    with_orchestrator(env, async |co: &mut Orchestrator<'_>| {
+        cluster::ensure_priority_classes(env).await?;
+        let extent = cluster::extent_size(env).await?;
+        let (u0, _) = cluster::pool_bytes(env).await?;
+        let free_extents = u64::try_from(u0).unwrap_or(0) / extent;
+        ensure!(
+            free_extents >= 12,
+            "the pool has {free_extents} free extents; the reclaim scenario needs at least 12"
+        );
+        let node1 = env.nodes[0].name.clone();
+        let node2 = env.nodes[1].name.clone();
+        let filler_node = env.nodes.last().map(|n| n.name.clone()).unwrap_or_default();
+
+        // The victim: low priority, two extents written, the rest allocated but unused.
+        let victim_extents = (free_extents / 4).clamp(4, 64);
+        let written = 2 * extent;
+        let victim = co
+            .create_volume(
+                &VolumeRequest::block("e2e-victim", victim_extents * extent, "low")
+                    .on_node(&node1),
+            )
+            .await?;
+        let att = co.attach(&victim, &node1).await?;
+        let io = co.open_io(&att).await?;
+        write_and_verify(&io, 21, 0, written).await?;
+        io.close().await;
+        // The node's usage report is what tells the operator which extents hold data.
+        wait_for(
+            &format!("usage report of {} showing {written} bytes in use", victim.id),
+            env.timeout,
+            || async {
+                let vv = cluster::existing_volume(env, &victim.id).await?;
+                let in_use = vv.status.as_ref().and_then(|s| s.usage.as_ref()).map(|u| u.in_use_bytes);
+                Ok(if in_use == Some(written as i64) {
+                    Poll::Ready(())
+                } else {
+                    Poll::Pending(format!("status.usage.inUseBytes {in_use:?}"))
+                })
+            },
+        )
+        .await?;
+        co.detach(&att).await?;
+        wait_detached(env, &victim.id, &node1).await?;
+        let u1 = u0 - (victim_extents * extent) as i64;
+        cluster::wait_pool_unallocated(env, u1, "after the victim was allocated").await?;
+
+        // The filler takes all but two free extents and stays published: a volume a node uses
+        // is never a victim, so only the victim can give space back.
+        let filler_extents = u64::try_from(u1).unwrap_or(0) / extent - 2;
+        let filler = co
+            .create_volume(&VolumeRequest::block(
+                "e2e-filler",
+                filler_extents * extent,
+                "high",
+            ))
+            .await?;
+        co.controller_publish(&filler, &filler_node).await?;
+        cluster::wait_pool_unallocated(env, 2 * extent as i64, "after the filler").await?;
+
+        // The claim needs `need` extents more than the pool has free.
+        let need = (victim_extents - 2).min(4);
+        let claim_size = (2 + need) * extent;
+        let claimer = co
+            .create_volume(&VolumeRequest::block("e2e-reclaimer", claim_size, "high"))
+            .await?;
+        expect_bound_claim(env, &claimer).await?;
+        let claimed = cluster::existing_volume(env, &claimer.id).await?;
+        ensure!(
+            cluster::range_mapped(&claimed, 0, claim_size as i64),
+            "the reclaiming claim's volume {} is not fully mapped",
+            claimer.id
+        );
+
+        // The victim shrank by at least `need` extents, and only unused ones went.
+        let vv = cluster::existing_volume(env, &victim.id).await?;
+        let mapped = cluster::mapped_bytes(&vv);
+        ensure!(
+            mapped <= ((victim_extents - need) * extent) as i64,
+            "victim {} still maps {mapped} bytes of {}; expected at most {} after reclaim",
+            victim.id,
+            victim_extents * extent,
+            (victim_extents - need) * extent
+        );
+        ensure!(
+            cluster::range_mapped(&vv, 0, written as i64),
+            "reclaim released written extents of {}: {:?}",
+            victim.id,
+            vv.status.as_ref().and_then(|s| s.mapping.as_ref())
+        );
+
+        // The victim's data is intact, read from another node.
+        let att = co.attach(&victim, &node2).await?;
+        let io = co.open_io(&att).await?;
+        verify(&io, 21, 0, written).await?;
+        io.close().await;
+        co.detach(&att).await?;
+
+        // Everything goes back to the pool.
+        co.delete_volume(&claimer.id).await?;
+        co.controller_unpublish(&filler.id, &filler_node).await?;
+        co.delete_volume(&filler.id).await?;
+        co.delete_volume(&victim.id).await?;
+        cluster::wait_pool_unallocated(env, u0, "after deleting the reclaim scenario's volumes")
+            .await
+    })
+    .await
+}
+
+/// Seed 000 [0045]–[0046]: a claim no reclaim could satisfy is rejected, nothing is allocated
+/// or reclaimed, and CreateVolume says so with RESOURCE_EXHAUSTED and the claim's reason.
+pub async fn claim_larger_than_the_pool_is_rejected_and_allocates_nothing(
+    env: &Environment,
+) -> Result<()> {
+    with_orchestrator(env, async |co: &mut Orchestrator<'_>| {
+        cluster::ensure_priority_classes(env).await?;
+        let extent = cluster::extent_size(env).await?;
+        let (u0, total) = cluster::pool_bytes(env).await?;
+        let request = VolumeRequest::block(
+            "e2e-too-big",
+            u64::try_from(total).unwrap_or(0) + extent,
+            "high",
+        );
+        let result = co.create_volume(&request).await;
+        let claims = cluster::claims_for_csi_name(env, &request.csi_name).await?;
+        // The rejected claim stays (the provisioner would retry); remove it after looking.
+        let outcome = check_rejection(env, &request, result, &claims, u0).await;
+        for c in &claims {
+            let ns = c.metadata.namespace.clone().unwrap_or_default();
+            let name = c.metadata.name.clone().unwrap_or_default();
+            cluster::delete_claim(env, &ns, &name).await?;
+        }
+        outcome
+    })
+    .await
+}
+
+async fn check_rejection(
+    env: &Environment,
+    request: &VolumeRequest,
+    result: Result<Provisioned>,
+    claims: &[tessera_api::v1alpha1::StorageClaim],
+    unallocated_before: i64,
+) -> Result<()> {
+    let status = match result {
+        Ok(vol) => {
+            return Err(E2eError::Check(format!(
+                "CreateVolume of {} bytes (more than the pool's total) succeeded with {}",
+                request.size_bytes, vol.id
+            )));
+        }
+        Err(e) => e.csi_status().cloned().ok_or(e)?,
+    };
+    ensure!(
+        status.code() == Code::ResourceExhausted,
+        "CreateVolume failed with {} ({}), expected RESOURCE_EXHAUSTED",
+        status.code(),
+        status.message()
+    );
+    ensure!(
+        claims.len() == 1,
+        "expected one StorageClaim labelled tessera.io/csi-name={}, found {}",
+        request.csi_name,
+        claims.len()
+    );
+    let claim_status = claims[0].status.clone().unwrap_or_default();
+    ensure!(
+        claim_status.phase == Some(ClaimPhase::Rejected),
+        "the claim is {:?}, expected Rejected",
+        claim_status.phase
+    );
+    let reason = claim_status.reason.unwrap_or_default();
+    ensure!(
+        !reason.is_empty() && status.message().contains(&reason),
+        "CreateVolume's message {:?} does not carry the claim's reason {reason:?}",
+        status.message()
+    );
+    ensure!(
+        claim_status.volume_name.is_none(),
+        "the rejected claim names volume {:?}",
+        claim_status.volume_name
+    );
+    // Nothing allocated: the counter stays where it was (give a debounced update time to show).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (after, _) = cluster::pool_bytes(env).await?;
+    ensure!(
+        after == unallocated_before,
+        "unallocated bytes moved from {unallocated_before} to {after} for a rejected claim"
+    );
+    Ok(())
+}
+
+/// Seed 001 [0028] and acceptance scenario 7: one borrower at a time. A second node's
+/// ControllerPublish is refused and it cannot stage the volume; once the first node unpublishes,
+/// the second gets it.
+pub async fn second_single_writer_publish_is_refused(env: &Environment) -> Result<()> {
+    with_orchestrator(env, async |co: &mut Orchestrator<'_>| {
+        cluster::ensure_priority_classes(env).await?;
+        let extent = cluster::extent_size(env).await?;
+        let node1 = env.nodes[0].name.clone();
+        let node2 = env.nodes[1].name.clone();
+        let vol = co
+            .create_volume(&VolumeRequest::block("e2e-exclusive", 2 * extent, "high"))
+            .await?;
+
+        let ctx1 = co.controller_publish(&vol, &node1).await?;
+        let refused = co.controller_publish(&vol, &node2).await;
+        expect_code(refused.map(|_| ()), Code::FailedPrecondition, "second ControllerPublish")?;
+        let vv = cluster::existing_volume(env, &vol.id).await?;
+        ensure!(
+            vv.spec.access_node.as_deref() == Some(node1.as_str()),
+            "after the refused publish the borrower is {:?}, expected {node1}",
+            vv.spec.access_node
+        );
+        // The node agent enforces it too: a node that is not the borrower cannot stage.
+        let staged = co.node_stage(&vol, &node2, &ctx1).await;
+        expect_code(staged.map(|_| ()), Code::FailedPrecondition, "NodeStage on the non-borrower")?;
+
+        co.controller_unpublish(&vol.id, &node1).await?;
+        let att = co.attach(&vol, &node2).await?;
+        let vv = cluster::existing_volume(env, &vol.id).await?;
+        ensure!(
+            vv.spec.access_node.as_deref() == Some(node2.as_str()),
+            "after moving, the borrower is {:?}, expected {node2}",
+            vv.spec.access_node
+        );
+        let io = co.open_io(&att).await?;
+        write_and_verify(&io, 41, 0, 1 << 20).await?;
+        io.close().await;
+        co.detach(&att).await?;
+        co.delete_volume(&vol.id).await
+    })
+    .await
+}
+
+// ---- checks shared by the scenarios ----
+
+fn expect_code(result: Result<()>, want: Code, what: &str) -> Result<()> {
+    match result {
+        Ok(()) => Err(E2eError::Check(format!(
+            "{what} succeeded; expected {want:?}"
+        ))),
+        Err(e) => match e.csi_status() {
+            Some(s) if s.code() == want => Ok(()),
+            _ => Err(E2eError::Check(format!("{what}: expected {want:?}, got: {e}"))),
+        },
+    }
+}
+
+async fn expect_bound_claim(env: &Environment, vol: &Provisioned) -> Result<()> {
+    let (ns, name) = vol.claim()?;
+    let claim = cluster::claim(env, &ns, &name)
+        .await?
+        .ok_or_else(|| E2eError::Check(format!("StorageClaim {ns}/{name} of {} is missing", vol.id)))?;
+    let status = claim.status.unwrap_or_default();
+    ensure!(
+        status.phase == Some(ClaimPhase::Bound) && status.volume_name.as_deref() == Some(&vol.id),
+        "StorageClaim {ns}/{name} is {:?} bound to {:?}, expected Bound to {}",
+        status.phase,
+        status.volume_name,
+        vol.id
+    );
+    Ok(())
+}
+
+/// publish_context carries the committed mapping generation (seed 001's mount information).
+fn expect_published_generation(att: &Attached, vv: &VirtualVolume) -> Result<()> {
+    let published = att.publish_context.get(PUBLISH_GENERATION);
+    let committed = cluster::mapping_generation(vv).map(|g| g.to_string());
+    ensure!(
+        published.is_some() && published == committed.as_ref(),
+        "publish_context {PUBLISH_GENERATION}={published:?}, committed generation {committed:?}"
+    );
+    Ok(())
+}
+
+/// The borrower is recorded and the node reports the volume staged and running.
+async fn wait_attached(env: &Environment, id: &str, node: &str) -> Result<()> {
+    wait_for(&format!("{id} attached on {node}"), env.timeout, || async {
+        let vv = cluster::existing_volume(env, id).await?;
+        let running = vv.status.as_ref().is_some_and(|s| {
+            s.attachments
+                .iter()
+                .any(|a| a.node == node && a.state == AttachmentState::Running)
+        });
+        Ok(
+            if vv.spec.access_node.as_deref() == Some(node) && running {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!(
+                    "accessNode {:?}, attachments {:?}",
+                    vv.spec.access_node,
+                    vv.status.as_ref().map(|s| &s.attachments)
+                ))
+            },
+        )
+    })
+    .await
+}
+
+/// Seed 001 [0042]: after unmount the borrower and the node's attachment are gone.
+async fn wait_detached(env: &Environment, id: &str, node: &str) -> Result<()> {
+    wait_for(&format!("{id} detached from {node}"), env.timeout, || async {
+        let vv = cluster::existing_volume(env, id).await?;
+        let attached = vv
+            .status
+            .as_ref()
+            .is_some_and(|s| s.attachments.iter().any(|a| a.node == node));
+        Ok(if vv.spec.access_nodes().is_empty() && !attached {
+            Poll::Ready(())
+        } else {
+            Poll::Pending(format!(
+                "accessNode {:?}, attachments {:?}",
+                vv.spec.access_node,
+                vv.status.as_ref().map(|s| &s.attachments)
+            ))
+        })
+    })
+    .await
+}
+
+/// Seed 001 [0046]: no path to the volume exists on a node after unmount.
+fn expect_no_export(co: &Orchestrator<'_>, id: &str, node: &str) -> Result<()> {
+    let Ok((socket, _)) = co.nbd_export(id, node) else {
+        return Ok(()); // the harness cannot see this node's files
+    };
+    ensure!(
+        !socket.exists(),
+        "NBD export {} of {id} is still there after NodeUnstage on {node}",
+        socket.display()
+    );
+    Ok(())
+}
+
+async fn wait_gone(env: &Environment, id: &str, claim_ns: &str, claim_name: &str) -> Result<()> {
+    wait_for(
+        &format!("VirtualVolume {id} and StorageClaim {claim_ns}/{claim_name} deleted"),
+        env.timeout,
+        || async {
+            let vv = cluster::volume(env, id).await?;
+            let claim = cluster::claim(env, claim_ns, claim_name).await?;
+            Ok(if vv.is_none() && claim.is_none() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending(format!(
+                    "volume present: {}, claim present: {}",
+                    vv.is_some(),
+                    claim.is_some()
+                ))
+            })
+        },
+    )
+    .await
+}
+
+async fn write_and_verify(io: &VolumeIo, seed: u64, offset: u64, len: u64) -> Result<()> {
+    io.write_at(offset, &pattern(seed, offset, len)).await?;
+    verify(io, seed, offset, len).await
+}
+
+async fn verify(io: &VolumeIo, seed: u64, offset: u64, len: u64) -> Result<()> {
+    let got = io.read_at(offset, len).await?;
+    let want = pattern(seed, offset, len);
+    match first_difference(&got, &want) {
+        None => Ok(()),
+        Some(at) => Err(E2eError::Check(format!(
+            "{}: bytes at {} differ from pattern {seed} (read {:?}, expected {:?})",
+            io.describe(),
+            offset + at as u64,
+            String::from_utf8_lossy(&got[at..(at + 16).min(got.len())]),
+            String::from_utf8_lossy(&want[at..(at + 16).min(want.len())]),
+        ))),
+    }
+}
+
+async fn verify_zeros(io: &VolumeIo, offset: u64, len: u64) -> Result<()> {
+    let got = io.read_at(offset, len).await?;
+    match got.iter().position(|b| *b != 0) {
+        None => Ok(()),
+        Some(at) => Err(E2eError::Check(format!(
+            "{}: the expanded range is not zero at byte {}",
+            io.describe(),
+            offset + at as u64
+        ))),
+    }
+}
