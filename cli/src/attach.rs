@@ -79,11 +79,7 @@ pub fn volume_context(v: &VirtualVolume) -> HashMap<String, String> {
 
 /// Publishes `volume` to `node` (default: where it is already attached, else the first node)
 /// and stages it there as a Block volume; returns the kernel device the node attached.
-pub async fn attach(
-    data_dir: &Path,
-    volume: &str,
-    node: Option<&str>,
-) -> Result<Attached> {
+pub async fn attach(data_dir: &Path, volume: &str, node: Option<&str>) -> Result<Attached> {
     if let Some(problem) = kernel_frontend_problem() {
         bail!(problem);
     }

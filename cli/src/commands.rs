@@ -153,7 +153,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 data_dir,
             } => {
                 let a = crate::attach::attach(&data_dir, &volume, node.as_deref()).await?;
-                eprintln!("{} attached on {} (NBD: {})", a.volume_id, a.node, a.nbd_uri);
+                eprintln!(
+                    "{} attached on {} (NBD: {})",
+                    a.volume_id, a.node, a.nbd_uri
+                );
                 println!("{}", a.device);
                 Ok(ExitCode::SUCCESS)
             }

@@ -89,6 +89,8 @@ pub fn run(component: Component, args: Vec<OsString>) -> Result<()> {
                         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn")),
                 )
                 .with_writer(std::io::stderr)
+                // Colours only on a terminal: `tessera local` sends this to a log file.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .try_init();
             runtime.block_on(tessera_csi::cli::run(
                 cli,

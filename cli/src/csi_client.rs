@@ -71,11 +71,12 @@ pub async fn publish_and_stage(
     staging_path: &Path,
 ) -> anyhow::Result<Staged> {
     use anyhow::Context;
-    let mut ctl = ControllerClient::new(
-        connect(controller)
-            .await
-            .with_context(|| format!("connecting to the CSI controller at {}", controller.display()))?,
-    );
+    let mut ctl = ControllerClient::new(connect(controller).await.with_context(|| {
+        format!(
+            "connecting to the CSI controller at {}",
+            controller.display()
+        )
+    })?);
     let publish = ctl
         .controller_publish_volume(csi::ControllerPublishVolumeRequest {
             volume_id: volume_id.to_string(),
@@ -86,7 +87,12 @@ pub async fn publish_and_stage(
             volume_context: volume_context.clone(),
         })
         .await
-        .map_err(|s| status_error(s, &format!("ControllerPublishVolume({volume_id}, {node_id})")))?
+        .map_err(|s| {
+            status_error(
+                s,
+                &format!("ControllerPublishVolume({volume_id}, {node_id})"),
+            )
+        })?
         .into_inner();
     // The CO creates the staging directory before NodeStage (CSI spec, NodeStageVolume).
     std::fs::create_dir_all(staging_path)
@@ -114,9 +120,5 @@ pub async fn publish_and_stage(
 
 /// A gRPC status as an error that names the call, the code and the driver's message.
 pub fn status_error(status: tonic::Status, call: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{call} failed: {:?}: {}",
-        status.code(),
-        status.message()
-    )
+    anyhow::anyhow!("{call} failed: {:?}: {}", status.code(), status.message())
 }

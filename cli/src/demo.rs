@@ -120,11 +120,18 @@ async fn create_volume(
     controller: &Path,
     vol: &DemoVolume,
 ) -> Result<(String, HashMap<String, String>)> {
-    let mut ctl = ControllerClient::new(csi_client::connect(controller).await.with_context(
-        || format!("connecting to the CSI controller at {}", controller.display()),
-    )?);
+    let mut ctl =
+        ControllerClient::new(csi_client::connect(controller).await.with_context(|| {
+            format!(
+                "connecting to the CSI controller at {}",
+                controller.display()
+            )
+        })?);
     let parameters = HashMap::from([
-        ("tessera.io/pool".to_string(), crate::local::POOL.to_string()),
+        (
+            "tessera.io/pool".to_string(),
+            crate::local::POOL.to_string(),
+        ),
         ("tessera.io/priorityClass".to_string(), vol.class.clone()),
         // What csi-provisioner adds with --extra-create-metadata.
         ("csi.storage.k8s.io/pvc/name".to_string(), vol.name.clone()),
@@ -175,12 +182,9 @@ pub async fn wait_for_export(state_dir: &Path, volume_id: &str) -> Result<String
 /// Deterministic contents of the chunk at `offset` of volume `id`: a reader can tell whose
 /// data and which offset it is, and stale or misplaced extents show up as a mismatch.
 pub fn pattern(id: &str, offset: u64) -> Vec<u8> {
-    let mut state = id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-        })
-        ^ offset.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut state = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    }) ^ offset.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let mut out = Vec::with_capacity(CHUNK as usize);
     while out.len() < CHUNK as usize {
         // xorshift64*
@@ -277,7 +281,10 @@ mod tests {
         let one = plan(&nodes[..1], 1 << 30);
         let total: u64 = one.iter().map(|v| v.size_bytes).sum();
         assert!(total <= 2 << 30, "{one:?}");
-        assert!(one.iter().all(|v| v.size_bytes % EXTENT == 0 && v.node == "node-a"));
+        assert!(
+            one.iter()
+                .all(|v| v.size_bytes % EXTENT == 0 && v.node == "node-a")
+        );
     }
 
     #[test]

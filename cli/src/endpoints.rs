@@ -184,7 +184,10 @@ pub fn parse_nbd_unix_uri(uri: &str) -> Result<(PathBuf, String), EndpointsError
         .find_map(|kv| kv.strip_prefix("socket="))
         .filter(|s| !s.is_empty())
         .ok_or_else(bad)?;
-    Ok((PathBuf::from(percent_decode(socket)), percent_decode(&export)))
+    Ok((
+        PathBuf::from(percent_decode(socket)),
+        percent_decode(&export),
+    ))
 }
 
 /// Undoes `%XX` escapes (a URI may escape characters of the socket path).

@@ -43,6 +43,8 @@ const EXAMPLE_CLASSES: &str = include_str!("../../examples/02-priority-classes.y
 /// own Lease back at once even when the previous run could not release it.
 const OPERATOR_IDENTITY: &str = "tessera-local-operator";
 const FIELD_MANAGER: &str = "tessera-local";
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_UNIX_SOCKET_PATH: usize = 107;
 
 /// How to run a local cluster.
 #[derive(Debug, Clone)]
@@ -271,10 +273,8 @@ pub fn node_areas(node: &str, state_dir: &Path, size_bytes: u64) -> Vec<AreaFile
 
 /// The client of a kubeconfig file.
 pub async fn client_from_kubeconfig(path: &Path) -> Result<kube::Client, LocalError> {
-    let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| LocalError::Config(format!(
-        "reading kubeconfig {}: {e}",
-        path.display()
-    )))?;
+    let kc = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| LocalError::Config(format!("reading kubeconfig {}: {e}", path.display())))?;
     let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
         .await
         .map_err(|e| LocalError::Config(format!("loading kubeconfig {}: {e}", path.display())))?;
@@ -302,7 +302,7 @@ impl LocalCluster {
         if config.nodes == 0 {
             return Err(LocalError::Config("at least one node is needed".into()));
         }
-        if config.area_size_bytes == 0 || config.area_size_bytes % 4096 != 0 {
+        if config.area_size_bytes == 0 || !config.area_size_bytes.is_multiple_of(4096) {
             return Err(LocalError::Config(format!(
                 "the area size must be a positive multiple of 4096 bytes, not {}",
                 config.area_size_bytes
@@ -313,6 +313,22 @@ impl LocalCluster {
         // Areas and CRD paths must be absolute (StorageArea.spec.path).
         let data_dir = std::fs::canonicalize(&config.data_dir)
             .map_err(io(format!("resolving {}", config.data_dir.display())))?;
+        // The longest unix socket path: a node's NBD export `<dd>/<node>/nbd/vol-<uuid>.sock`.
+        let longest = data_dir.as_os_str().len()
+            + format!(
+                "/{}/nbd/vol-{}.sock",
+                node_name(config.nodes - 1),
+                "0".repeat(36)
+            )
+            .len();
+        if longest > MAX_UNIX_SOCKET_PATH {
+            return Err(LocalError::Config(format!(
+                "the data directory {} is too long: its unix sockets would exceed {} bytes \
+                 (use a shorter --data-dir)",
+                data_dir.display(),
+                MAX_UNIX_SOCKET_PATH
+            )));
+        }
         let lock = lock_data_dir(&data_dir)?;
         for dir in ["logs", "run", "controller"] {
             std::fs::create_dir_all(data_dir.join(dir))
@@ -416,8 +432,10 @@ impl LocalCluster {
         if let Some(task) = self.refresher.take() {
             task.abort();
         }
+        let report = stop_children(&self.children, Duration::from_secs(15)).await;
+        // The nodes cleared their node.json as they unstaged: endpoints.json says so too.
         let _ = self.refresh_endpoints();
-        stop_children(&self.children, Duration::from_secs(15)).await
+        report
     }
 }
 
@@ -901,14 +919,26 @@ pub async fn apply_crds(client: &kube::Client) -> Result<(), LocalError> {
 
 async fn kinds_served(client: &kube::Client) -> bool {
     let lp = ListParams::default().limit(1);
-    Api::<StoragePool>::all(client.clone()).list(&lp).await.is_ok()
-        && Api::<StorageArea>::all(client.clone()).list(&lp).await.is_ok()
+    Api::<StoragePool>::all(client.clone())
+        .list(&lp)
+        .await
+        .is_ok()
+        && Api::<StorageArea>::all(client.clone())
+            .list(&lp)
+            .await
+            .is_ok()
         && Api::<StoragePriorityClass>::all(client.clone())
             .list(&lp)
             .await
             .is_ok()
-        && Api::<StorageClaim>::all(client.clone()).list(&lp).await.is_ok()
-        && Api::<VirtualVolume>::all(client.clone()).list(&lp).await.is_ok()
+        && Api::<StorageClaim>::all(client.clone())
+            .list(&lp)
+            .await
+            .is_ok()
+        && Api::<VirtualVolume>::all(client.clone())
+            .list(&lp)
+            .await
+            .is_ok()
 }
 
 /// Creates the pool `default` and the priority classes `high` and `low` of `examples/` when
@@ -951,22 +981,26 @@ enum Step {
     Ready,
 }
 
+/// Each step shown in the progress line, and how far it is.
+type ProgressItems = Vec<(String, Option<Step>)>;
+
 /// The progress line on stderr: `⠹ starting  API server ✓  CRDs ✓  operator …  node-a · …`.
 /// On a terminal it redraws in place; otherwise each step that becomes ready is one line.
 struct Progress {
     enabled: bool,
     tty: bool,
-    state: Arc<Mutex<Vec<(String, Option<Step>)>>>,
+    state: Arc<Mutex<ProgressItems>>,
     ticker: Option<tokio::task::JoinHandle<()>>,
     started: Instant,
 }
 
 impl Progress {
     fn new(enabled: bool, nodes: usize) -> Self {
-        let mut items: Vec<(String, Option<Step>)> = ["API server", "CRDs", "operator", "CSI controller"]
-            .iter()
-            .map(|s| (s.to_string(), None))
-            .collect();
+        let mut items: Vec<(String, Option<Step>)> =
+            ["API server", "CRDs", "operator", "CSI controller"]
+                .iter()
+                .map(|s| (s.to_string(), None))
+                .collect();
         items.extend((0..nodes).map(|i| (node_name(i), None)));
         let state = Arc::new(Mutex::new(items));
         let tty = std::io::stderr().is_terminal();
@@ -1072,7 +1106,11 @@ mod tests {
         assert_eq!(areas[0].name, "node-b-area-0");
         assert_eq!(areas[1].name, "node-b-area-1");
         assert_eq!(areas[1].path, Path::new("/d/node-b/areas/area-1.img"));
-        assert!(areas.iter().all(|a| a.pool_name == "default" && a.domain == "zone-b"));
+        assert!(
+            areas
+                .iter()
+                .all(|a| a.pool_name == "default" && a.domain == "zone-b")
+        );
         let yaml = serde_yaml::to_string(&areas).unwrap();
         assert!(yaml.contains("sizeBytes: 1073741824"), "{yaml}");
         assert!(yaml.contains("poolName: default"), "{yaml}");

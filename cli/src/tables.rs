@@ -3,11 +3,9 @@
 //! and volumes with their mapping runs and usage. Rendering is pure (objects in, `String` out).
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::api::{Api, ListParams};
 use kube::ResourceExt;
-use tessera_api::v1alpha1::{
-    StorageArea, StorageClaim, StoragePool, VirtualVolume, VolumeMapping,
-};
+use kube::api::{Api, ListParams};
+use tessera_api::v1alpha1::{StorageArea, StorageClaim, StoragePool, VirtualVolume, VolumeMapping};
 
 use crate::units::bytes;
 
@@ -119,7 +117,14 @@ pub fn pools(pools: &[StoragePool]) -> String {
 /// Areas: where the pool's capacity comes from.
 pub fn areas(areas: &[StorageArea]) -> String {
     let mut t = Table::new(&[
-        "AREA", "NODE", "POOL", "MEDIA", "CAPACITY", "ALLOCATED", "PHASE", "EXTENT SERVER",
+        "AREA",
+        "NODE",
+        "POOL",
+        "MEDIA",
+        "CAPACITY",
+        "ALLOCATED",
+        "PHASE",
+        "EXTENT SERVER",
     ]);
     for a in areas {
         let s = a.status.clone().unwrap_or_default();
@@ -130,7 +135,9 @@ pub fn areas(areas: &[StorageArea]) -> String {
             a.spec.media_type.clone(),
             s.capacity_bytes.map(bytes).unwrap_or_else(|| "-".into()),
             s.allocated_bytes.map(bytes).unwrap_or_else(|| "-".into()),
-            s.phase.map(|p| format!("{p:?}")).unwrap_or_else(|| "-".into()),
+            s.phase
+                .map(|p| format!("{p:?}"))
+                .unwrap_or_else(|| "-".into()),
             or_dash(s.extent_server.as_deref()),
         ]);
     }
@@ -188,7 +195,14 @@ pub fn mapping_runs(mapping: &VolumeMapping) -> Vec<String> {
 /// Volumes: phase, where they are attached, the committed mapping and usage.
 pub fn volumes(volumes: &[VirtualVolume]) -> String {
     let mut t = Table::new(&[
-        "VOLUME", "SIZE", "CLASS", "PHASE", "NODE", "GEN", "MAPPING", "USAGE (in-use/high)",
+        "VOLUME",
+        "SIZE",
+        "CLASS",
+        "PHASE",
+        "NODE",
+        "GEN",
+        "MAPPING",
+        "USAGE (in-use/high)",
     ]);
     for v in volumes {
         let s = v.status.clone().unwrap_or_default();
@@ -215,7 +229,11 @@ pub fn volumes(volumes: &[VirtualVolume]) -> String {
                 nodes.join(",")
             },
             generation,
-            if mapping.is_empty() { "-".into() } else { mapping },
+            if mapping.is_empty() {
+                "-".into()
+            } else {
+                mapping
+            },
             usage,
         ]);
     }
@@ -235,10 +253,22 @@ impl Snapshot {
     pub async fn fetch(client: &kube::Client) -> Result<Self, kube::Error> {
         let lp = ListParams::default();
         let mut snap = Snapshot {
-            pools: Api::<StoragePool>::all(client.clone()).list(&lp).await?.items,
-            areas: Api::<StorageArea>::all(client.clone()).list(&lp).await?.items,
-            claims: Api::<StorageClaim>::all(client.clone()).list(&lp).await?.items,
-            volumes: Api::<VirtualVolume>::all(client.clone()).list(&lp).await?.items,
+            pools: Api::<StoragePool>::all(client.clone())
+                .list(&lp)
+                .await?
+                .items,
+            areas: Api::<StorageArea>::all(client.clone())
+                .list(&lp)
+                .await?
+                .items,
+            claims: Api::<StorageClaim>::all(client.clone())
+                .list(&lp)
+                .await?
+                .items,
+            volumes: Api::<VirtualVolume>::all(client.clone())
+                .list(&lp)
+                .await?
+                .items,
         };
         snap.pools.sort_by_key(|p| p.name_any());
         snap.areas.sort_by_key(|a| a.name_any());

@@ -21,7 +21,7 @@ pub fn bytes(n: i64) -> String {
         .copied()
         .find(|(_, size)| v >= *size)
         .unwrap_or(("B", 1));
-    if v % size == 0 {
+    if v.is_multiple_of(size) {
         return format!("{sign}{}{unit}", v / size);
     }
     let text = format!("{:.2}", v as f64 / size as f64);
@@ -42,7 +42,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "M" | "Mi" | "MiB" => 1 << 20,
         "G" | "Gi" | "GiB" => 1 << 30,
         "T" | "Ti" | "TiB" => 1 << 40,
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use KiB, MiB, GiB, TiB)"
+            ));
+        }
     };
     if let Ok(n) = num.parse::<u64>() {
         return n

@@ -83,7 +83,10 @@ fn endpoints_json_has_the_contract_shape() {
     );
     assert_eq!(Endpoints::load(&path).unwrap(), endpoints);
     let (socket, export) = parse_nbd_unix_uri(&endpoints.volumes["vol-2"].nbd_uri).unwrap();
-    assert_eq!((socket, export.as_str()), (PathBuf::from("/s/vol-2.sock"), "vol-2"));
+    assert_eq!(
+        (socket, export.as_str()),
+        (PathBuf::from("/s/vol-2.sock"), "vol-2")
+    );
 
     // A volume unstaged from node-b disappears; one staged later appears.
     let mut b2 = b;

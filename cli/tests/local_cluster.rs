@@ -74,7 +74,10 @@ fn alive(pid: u32) -> bool {
 
 /// Nothing answers on any endpoint the cluster published.
 async fn nothing_listening(endpoints: &tessera::endpoints::Endpoints) {
-    let api = endpoints.apiserver.trim_start_matches("http://").to_string();
+    let api = endpoints
+        .apiserver
+        .trim_start_matches("http://")
+        .to_string();
     assert!(
         tokio::net::TcpStream::connect(&api).await.is_err(),
         "API server {api} still listening"
@@ -173,7 +176,10 @@ async fn local_cluster_starts_resumes_reports_deaths_and_stops_cleanly() {
         .await
         .expect("the death is reported");
     assert_eq!(death.component, "node-b");
-    assert!(death.status.contains("SIGKILL") || death.status.contains('9'), "{death}");
+    assert!(
+        death.status.contains("SIGKILL") || death.status.contains('9'),
+        "{death}"
+    );
 
     let endpoints = cluster.refresh_endpoints().unwrap();
     let pids = cluster.pids();

@@ -36,10 +36,15 @@ where
 
 #[tokio::test]
 async fn tables_show_what_the_api_server_holds() {
-    let server = ApiServer::builder().start().await.expect("API server starts");
+    let server = ApiServer::builder()
+        .start()
+        .await
+        .expect("API server starts");
     let client = server.client();
     // The same CRD installation `tessera local` does, and its pool and classes.
-    tessera::local::apply_crds(&client).await.expect("CRDs apply");
+    tessera::local::apply_crds(&client)
+        .await
+        .expect("CRDs apply");
     tessera::local::apply_crds(&client)
         .await
         .expect("applying CRDs again is a no-op");
@@ -148,7 +153,9 @@ async fn tables_show_what_the_api_server_holds() {
     let cells: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
         cells,
-        ["default", "4GiB", "2.5GiB", "8MiB", "4MiB", "1.5GiB", "3/4", "online", "2", "True"],
+        [
+            "default", "4GiB", "2.5GiB", "8MiB", "4MiB", "1.5GiB", "3/4", "online", "2", "True"
+        ],
         "{pools_table}"
     );
     // Columns line up: every header starts where its values start.
@@ -201,17 +208,19 @@ async fn tables_show_what_the_api_server_holds() {
 
     let areas_table = tables::areas(&snap.areas);
     assert!(
-        areas_table.lines().any(|l| l.split_whitespace().collect::<Vec<_>>()
-            == [
-                "node-a-area-0",
-                "node-a",
-                "default",
-                "ssd",
-                "1GiB",
-                "1GiB",
-                "Online",
-                "127.0.0.1:7400"
-            ]),
+        areas_table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()
+                == [
+                    "node-a-area-0",
+                    "node-a",
+                    "default",
+                    "ssd",
+                    "1GiB",
+                    "1GiB",
+                    "Online",
+                    "127.0.0.1:7400"
+                ]),
         "{areas_table}"
     );
 

@@ -129,13 +129,21 @@ async fn node_get_info_should_return_appropriate_values() {
         .into_inner();
     assert_eq!(info.node_id, "node-a");
     assert_eq!(info.max_volumes_per_node, 16);
-    let topology = info.accessible_topology.expect("topology (accessibility constraints are advertised)");
+    let topology = info
+        .accessible_topology
+        .expect("topology (accessibility constraints are advertised)");
     assert_eq!(
-        topology.segments.get("topology.tessera.io/node").map(String::as_str),
+        topology
+            .segments
+            .get("topology.tessera.io/node")
+            .map(String::as_str),
         Some("node-a")
     );
     assert_eq!(
-        topology.segments.get("topology.kubernetes.io/zone").map(String::as_str),
+        topology
+            .segments
+            .get("topology.kubernetes.io/zone")
+            .map(String::as_str),
         Some("zone-1")
     );
     node.stop().await;
@@ -195,7 +203,9 @@ async fn node_publish_volume_of_an_unknown_or_unstaged_volume_is_refused() {
         .publish("vol-unknown", &staging, &target, block_cap(), false)
         .await;
     assert_eq!(code(unknown), Code::NotFound);
-    let unstaged = node.publish(VOL, &staging, &target, block_cap(), false).await;
+    let unstaged = node
+        .publish(VOL, &staging, &target, block_cap(), false)
+        .await;
     assert_eq!(code(unstaged), Code::FailedPrecondition);
     // Staged, but the Block volume has no kernel device on an NBD-only node.
     node.stage(VOL, &staging, block_cap()).await.expect("stage");
@@ -203,7 +213,9 @@ async fn node_publish_volume_of_an_unknown_or_unstaged_volume_is_refused() {
         .publish(VOL, &cluster.path("elsewhere"), &target, block_cap(), false)
         .await;
     assert_eq!(code(other_staging), Code::FailedPrecondition);
-    let no_device = node.publish(VOL, &staging, &target, block_cap(), false).await;
+    let no_device = node
+        .publish(VOL, &staging, &target, block_cap(), false)
+        .await;
     assert_eq!(code(no_device), Code::FailedPrecondition);
     node.unstage(VOL, &staging).await.expect("unstage");
     node.stop().await;
@@ -257,7 +269,9 @@ async fn node_unpublish_volume_should_remove_target_path() {
     let (cluster, node) = setup(FrontendChoice::FuseLoop).await;
     let staging = cluster.path("staging");
     let target = cluster.path("mnt/target");
-    node.stage(VOL, &staging, mount_cap("")).await.expect("stage");
+    node.stage(VOL, &staging, mount_cap(""))
+        .await
+        .expect("stage");
     node.publish(VOL, &staging, &target, mount_cap(""), false)
         .await
         .expect("publish");
@@ -352,7 +366,12 @@ async fn node_stage_volume_of_a_mount_volume_without_a_kernel_frontend_fails_pre
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert!(err.message().contains("/dev/fuse"), "{}", err.message());
     // Nothing was left staged.
-    assert!(!node.state_dir().join(format!("mappings/{VOL}.json")).exists());
+    assert!(
+        !node
+            .state_dir()
+            .join(format!("mappings/{VOL}.json"))
+            .exists()
+    );
     node.stop().await;
 }
 
@@ -361,7 +380,9 @@ async fn node_stage_volume_is_idempotent_and_refuses_a_different_staging() {
     let (cluster, node) = setup(FrontendChoice::Nbd).await;
     let staging = cluster.path("staging");
     node.stage(VOL, &staging, block_cap()).await.expect("stage");
-    node.stage(VOL, &staging, block_cap()).await.expect("stage again");
+    node.stage(VOL, &staging, block_cap())
+        .await
+        .expect("stage again");
     let other_path = node.stage(VOL, &cluster.path("other"), block_cap()).await;
     assert_eq!(code(other_path), Code::AlreadyExists);
     node.unstage(VOL, &staging).await.expect("unstage");
@@ -456,7 +477,9 @@ async fn node_get_volume_stats_should_fail_when_volume_does_not_exist_on_the_spe
     let (cluster, node) = setup(FrontendChoice::FuseLoop).await;
     let staging = cluster.path("staging");
     let target = cluster.path("mnt/target");
-    node.stage(VOL, &staging, mount_cap("")).await.expect("stage");
+    node.stage(VOL, &staging, mount_cap(""))
+        .await
+        .expect("stage");
     node.publish(VOL, &staging, &target, mount_cap(""), false)
         .await
         .expect("publish");
@@ -532,7 +555,9 @@ async fn node_expand_volume_should_work_if_node_expand_is_called_after_node_publ
     let (cluster, node) = setup(FrontendChoice::FuseLoop).await;
     let staging = cluster.path("staging");
     let target = cluster.path("mnt/target");
-    node.stage(VOL, &staging, mount_cap("")).await.expect("stage");
+    node.stage(VOL, &staging, mount_cap(""))
+        .await
+        .expect("stage");
     node.publish(VOL, &staging, &target, mount_cap(""), false)
         .await
         .expect("publish");
@@ -577,7 +602,9 @@ async fn run_flow(count: usize) {
     let staging = cluster.path("staging");
     let target = cluster.path("mnt/target");
     for _ in 0..count {
-        node.stage(VOL, &staging, mount_cap("")).await.expect("stage");
+        node.stage(VOL, &staging, mount_cap(""))
+            .await
+            .expect("stage");
     }
     for _ in 0..count {
         node.publish(VOL, &staging, &target, mount_cap(""), false)

@@ -785,6 +785,14 @@ fn as12_delayed_commit_after_rollback_is_void() {
         only_answer(&gate.commit(VOLUME, op(1, 2))),
         Err(Refusal::RolledBack { .. })
     ));
+    // The void commit survives a restart inside the hold.
+    let record = gate.hold_record().expect("held");
+    assert!(record.rolled_back);
+    let (mut gate, _) = IoGate::restore(record, HOLD_TIMEOUT, 0);
+    assert!(matches!(
+        only_answer(&gate.commit(VOLUME, op(1, 2))),
+        Err(Refusal::RolledBack { .. })
+    ));
     let r = gate.resume(VOLUME, op(1, 2));
     assert_eq!(
         only_answer(&r),

@@ -16,6 +16,8 @@ use crate::env::Environment;
 use crate::error::{E2eError, Result};
 
 const POLL: Duration = Duration::from_millis(250);
+/// Longer than the operator's counter debounce (500 ms), so two equal readings mean settled.
+const SETTLE: Duration = Duration::from_millis(1500);
 
 /// Polls `probe` until it answers [`Poll::Ready`], for at most `timeout`; on timeout the error
 /// carries what the last [`Poll::Pending`] saw.
@@ -77,6 +79,29 @@ pub async fn claims_for_csi_name(env: &Environment, csi_name: &str) -> Result<Ve
         .map_err(|e| E2eError::kube(format!("list StorageClaims of {csi_name}"), e))
 }
 
+/// VirtualVolumes whose `spec.claimRef` names the claim.
+pub async fn volumes_for_claim(
+    env: &Environment,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<String>> {
+    let volumes = Api::<VirtualVolume>::all(env.kube.clone())
+        .list(&ListParams::default())
+        .await
+        .map_err(|e| E2eError::kube("list VirtualVolumes", e))?;
+    Ok(volumes
+        .items
+        .into_iter()
+        .filter(|v| {
+            v.spec
+                .claim_ref
+                .as_ref()
+                .is_some_and(|r| r.namespace == namespace && r.name == name)
+        })
+        .filter_map(|v| v.metadata.name)
+        .collect())
+}
+
 pub async fn delete_claim(env: &Environment, namespace: &str, name: &str) -> Result<()> {
     match Api::<StorageClaim>::namespaced(env.kube.clone(), namespace)
         .delete(name, &DeleteParams::default())
@@ -110,6 +135,39 @@ pub async fn pool_bytes(env: &Environment) -> Result<(i64, i64)> {
     let pool = pool(env).await?;
     let status = pool.status.unwrap_or_default();
     Ok((status.unallocated_bytes, status.total_bytes))
+}
+
+/// Waits until the pool reports its areas (the operator writes the counters a moment after
+/// the areas come Online) and returns `(unallocated, total)` once two readings a debounce
+/// apart agree, so a scenario starts from settled counters.
+pub async fn wait_pool_settled(env: &Environment) -> Result<(i64, i64)> {
+    let start = Instant::now();
+    let mut previous = None;
+    loop {
+        let status = pool(env).await?.status.unwrap_or_default();
+        let reading = (status.unallocated_bytes, status.total_bytes);
+        let ready = status.total_bytes > 0
+            && status.online_areas > 0
+            && status.online_areas == status.areas;
+        if ready && previous == Some(reading) {
+            return Ok(reading);
+        }
+        previous = ready.then_some(reading);
+        if start.elapsed() >= env.timeout {
+            return Err(E2eError::Timeout {
+                what: format!(
+                    "pool {} to report Online areas and settled counters",
+                    env.pool
+                ),
+                seconds: env.timeout.as_secs(),
+                last: format!(
+                    "total {} unallocated {} areas {}/{} Online",
+                    status.total_bytes, status.unallocated_bytes, status.online_areas, status.areas
+                ),
+            });
+        }
+        tokio::time::sleep(SETTLE).await;
+    }
 }
 
 /// Waits until the pool's unallocated bytes equal `expected` (counters are debounced).

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use tessera_proto::csi::v1::{
     CapacityRange, ControllerExpandVolumeRequest, ControllerPublishVolumeRequest,
     ControllerUnpublishVolumeRequest, CreateVolumeRequest, DeleteVolumeRequest,
-    NodeExpandVolumeRequest, NodeGetInfoRequest, NodePublishVolumeRequest,
-    NodeStageVolumeRequest, NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Topology,
-    TopologyRequirement, VolumeCapability,
+    NodeExpandVolumeRequest, NodeGetInfoRequest, NodePublishVolumeRequest, NodeStageVolumeRequest,
+    NodeUnpublishVolumeRequest, NodeUnstageVolumeRequest, Topology, TopologyRequirement,
+    VolumeCapability,
     volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode},
 };
 
@@ -133,9 +133,20 @@ pub struct Attached {
 #[derive(Debug, Clone)]
 enum Step {
     Created(String),
-    ControllerPublished { volume: String, node: String },
-    Staged { volume: String, node: String, path: PathBuf },
-    Published { volume: String, node: String, path: PathBuf },
+    ControllerPublished {
+        volume: String,
+        node: String,
+    },
+    Staged {
+        volume: String,
+        node: String,
+        path: PathBuf,
+    },
+    Published {
+        volume: String,
+        node: String,
+        path: PathBuf,
+    },
 }
 
 /// The orchestrator of one scenario.
@@ -280,7 +291,11 @@ impl<'e> Orchestrator<'e> {
             })
             .await
             .map_err(|status| {
-                csi_error("ControllerPublishVolume", &format!("{} → {node}", vol.id), status)
+                csi_error(
+                    "ControllerPublishVolume",
+                    &format!("{} → {node}", vol.id),
+                    status,
+                )
             })?
             .into_inner();
         self.ledger.push(Step::ControllerPublished {
@@ -381,7 +396,11 @@ impl<'e> Orchestrator<'e> {
             })
             .await
             .map_err(|status| {
-                csi_error("NodePublishVolume", &format!("{} on {node}", vol.id), status)
+                csi_error(
+                    "NodePublishVolume",
+                    &format!("{} on {node}", vol.id),
+                    status,
+                )
             })?;
         self.ledger.push(Step::Published {
             volume: vol.id.clone(),
@@ -391,7 +410,12 @@ impl<'e> Orchestrator<'e> {
         Ok(target)
     }
 
-    pub async fn node_unpublish(&mut self, volume_id: &str, node: &str, target: &Path) -> Result<()> {
+    pub async fn node_unpublish(
+        &mut self,
+        volume_id: &str,
+        node: &str,
+        target: &Path,
+    ) -> Result<()> {
         let conn = self.node(node).await?;
         conn.node()
             .node_unpublish_volume(NodeUnpublishVolumeRequest {
@@ -400,7 +424,11 @@ impl<'e> Orchestrator<'e> {
             })
             .await
             .map_err(|status| {
-                csi_error("NodeUnpublishVolume", &format!("{volume_id} on {node}"), status)
+                csi_error(
+                    "NodeUnpublishVolume",
+                    &format!("{volume_id} on {node}"),
+                    status,
+                )
             })?;
         self.ledger.retain(|s| {
             !matches!(s, Step::Published { volume, node: n, .. } if volume == volume_id && n == node)
@@ -408,7 +436,12 @@ impl<'e> Orchestrator<'e> {
         Ok(())
     }
 
-    pub async fn node_unstage(&mut self, volume_id: &str, node: &str, staging: &Path) -> Result<()> {
+    pub async fn node_unstage(
+        &mut self,
+        volume_id: &str,
+        node: &str,
+        staging: &Path,
+    ) -> Result<()> {
         let conn = self.node(node).await?;
         conn.node()
             .node_unstage_volume(NodeUnstageVolumeRequest {
@@ -417,7 +450,11 @@ impl<'e> Orchestrator<'e> {
             })
             .await
             .map_err(|status| {
-                csi_error("NodeUnstageVolume", &format!("{volume_id} on {node}"), status)
+                csi_error(
+                    "NodeUnstageVolume",
+                    &format!("{volume_id} on {node}"),
+                    status,
+                )
             })?;
         self.ledger.retain(|s| {
             !matches!(s, Step::Staged { volume, node: n, .. } if volume == volume_id && n == node)
@@ -553,9 +590,7 @@ impl<'e> Orchestrator<'e> {
                 Step::Published { volume, node, path } => {
                     self.node_unpublish(volume, node, path).await
                 }
-                Step::Staged { volume, node, path } => {
-                    self.node_unstage(volume, node, path).await
-                }
+                Step::Staged { volume, node, path } => self.node_unstage(volume, node, path).await,
                 Step::ControllerPublished { volume, node } => {
                     self.controller_unpublish(volume, node).await
                 }

@@ -205,7 +205,9 @@ impl Options {
         }
         if let Ok(secs) = std::env::var("TESSERA_E2E_TIMEOUT_SECONDS") {
             let secs: u64 = secs.parse().map_err(|_| {
-                E2eError::Config(format!("TESSERA_E2E_TIMEOUT_SECONDS={secs:?} is not a number"))
+                E2eError::Config(format!(
+                    "TESSERA_E2E_TIMEOUT_SECONDS={secs:?} is not a number"
+                ))
             })?;
             self.timeout = Duration::from_secs(secs);
         }
@@ -273,7 +275,9 @@ impl Environment {
     pub async fn from_process_env(default_work_dir: &Path) -> Result<Option<Self>> {
         let options = Options::new(default_work_dir).with_env_overrides()?;
         if let Ok(path) = std::env::var("TESSERA_E2E_ENDPOINTS") {
-            return Self::from_endpoints(Path::new(&path), options).await.map(Some);
+            return Self::from_endpoints(Path::new(&path), options)
+                .await
+                .map(Some);
         }
         let Ok(kubeconfig) = std::env::var("TESSERA_E2E_KUBECONFIG") else {
             return Ok(None);
@@ -389,7 +393,10 @@ mod tests {
         .unwrap();
         let e = Endpoints::load(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(e.controller.csi_socket, PathBuf::from("/d/controller/csi.sock"));
+        assert_eq!(
+            e.controller.csi_socket,
+            PathBuf::from("/d/controller/csi.sock")
+        );
         assert_eq!(e.nodes[0].state_dir, PathBuf::from("/d/a"));
         assert_eq!(e.volumes["vol-1"].node, "node-a");
     }

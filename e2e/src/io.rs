@@ -201,7 +201,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r.map_err(|e| E2eError::io(target, e)),
-        Err(join) => Err(E2eError::io(target, std::io::Error::other(join.to_string()))),
+        Err(join) => Err(E2eError::io(
+            target,
+            std::io::Error::other(join.to_string()),
+        )),
     }
 }
 

@@ -110,7 +110,10 @@ async fn run(selected: &[Scenario]) -> anyhow::Result<bool> {
     // Always stop the children, whatever happened above.
     let stop = cluster.stop().await;
     if !stop.clean() {
-        println!("warning: some components had to be killed: {:?}", stop.children);
+        println!(
+            "warning: some components had to be killed: {:?}",
+            stop.children
+        );
     }
     let passed = match outcomes {
         Ok(outcomes) => summarize(&outcomes),
@@ -122,10 +125,7 @@ async fn run(selected: &[Scenario]) -> anyhow::Result<bool> {
     if !passed {
         // Keep the logs of every component for whoever reads the failure.
         scratch.disable_cleanup(true);
-        println!(
-            "component logs kept in {}",
-            data_dir.join("logs").display()
-        );
+        println!("component logs kept in {}", data_dir.join("logs").display());
     }
     Ok(passed)
 }

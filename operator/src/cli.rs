@@ -74,6 +74,8 @@ pub fn init_tracing() {
                 .unwrap_or_else(|_| "info,kube=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: `tessera local` sends this to a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

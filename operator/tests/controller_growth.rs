@@ -57,9 +57,12 @@ fn mapped_end(volume: &VirtualVolume) -> i64 {
         .unwrap_or(0)
 }
 
+/// A run cut to a prefix: (offset, length, replicas as (area, area offset)).
+type RunPrefix = (i64, i64, Vec<(String, i64)>);
+
 /// The replica locations of the first `bytes` of a mapping, byte-exact per run start, so two
 /// mappings can be compared over a prefix.
-fn prefix(volume: &VirtualVolume, bytes: i64) -> Vec<(i64, i64, Vec<(String, i64)>)> {
+fn prefix(volume: &VirtualVolume, bytes: i64) -> Vec<RunPrefix> {
     runs(volume)
         .into_iter()
         .filter(|r| r.offset < bytes)

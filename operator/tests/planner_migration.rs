@@ -117,7 +117,11 @@ fn as23_copy_failure_resets_and_restores() {
     );
     assert_eq!(
         m.states(),
-        &[CopyState::Copied, CopyState::NotCopied, CopyState::NotCopied]
+        &[
+            CopyState::Copied,
+            CopyState::NotCopied,
+            CopyState::NotCopied
+        ]
     );
     assert_eq!(m.restore_routes(), vec![Route::Source; 3]);
 }

@@ -200,3 +200,47 @@ pub(crate) async fn heartbeat(agent: &Agent, area: &OpenedArea) -> Result<(), Ag
     .map_err(|e| AgentError::api(format!("heartbeat StorageArea {}", area.id), e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_areas_file_parses_and_rejects_duplicates_and_relative_paths() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("areas.yaml");
+        std::fs::write(
+            &file,
+            "- name: a0\n  path: /data/a0.img\n  sizeBytes: 1048576\n  poolName: default\n  domain: z1\n\
+             - name: a1\n  path: /dev/sdb\n  mediaType: nvme\n  poolName: fast\n",
+        )
+        .expect("write");
+        let areas = load_areas_file(&file).expect("parses");
+        assert_eq!(areas.len(), 2);
+        assert_eq!(areas[0].size_bytes, Some(1 << 20));
+        assert_eq!(areas[0].media_type, "ssd");
+        assert_eq!(areas[0].domain.as_deref(), Some("z1"));
+        assert_eq!(areas[1].size_bytes, None);
+        assert_eq!(areas[1].media_type, "nvme");
+
+        std::fs::write(
+            &file,
+            "- {name: a, path: /x, poolName: p}\n- {name: a, path: /y, poolName: p}\n",
+        )
+        .expect("write");
+        assert!(matches!(
+            load_areas_file(&file),
+            Err(AgentError::InvalidConfig(_))
+        ));
+        std::fs::write(&file, "- {name: a, path: rel/x, poolName: p}\n").expect("write");
+        assert!(matches!(
+            load_areas_file(&file),
+            Err(AgentError::InvalidConfig(_))
+        ));
+        std::fs::write(&file, "- {name: a, path: /x, poolName: p, bogus: 1}\n").expect("write");
+        assert!(matches!(
+            load_areas_file(&file),
+            Err(AgentError::InvalidConfig(_))
+        ));
+    }
+}

@@ -23,6 +23,11 @@ use tonic::{Request, Response, Status};
 
 use super::{Agent, AgentError, status};
 
+/// `(volume, operation_id, attempt)` of an ApplyMapping.
+pub(crate) type AnswerKey = (String, String, u32);
+/// The remembered answer: the applied generation, or the refusal.
+pub(crate) type Answer = Result<i64, (tonic::Code, String)>;
+
 /// Checks `authorization: Bearer <token>` in constant time.
 #[derive(Clone)]
 pub struct BearerAuth {

@@ -190,8 +190,7 @@ pub struct Agent {
     /// increasing across restarts).
     pub(crate) usage_sequence: AtomicU64,
     /// Idempotent answers of node-control calls, by (volume, operation, attempt).
-    pub(crate) control_answers:
-        std::sync::Mutex<BTreeMap<(String, String, u32), Result<i64, (tonic::Code, String)>>>,
+    pub(crate) control_answers: std::sync::Mutex<BTreeMap<control::AnswerKey, control::Answer>>,
     stop: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -274,21 +273,15 @@ impl Agent {
         agent.restore_from_cache().await;
         cache::write_node_json(&agent).await?;
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(control::serve(
-            Arc::clone(&agent),
-            control_listener,
-            stopped.clone(),
-        )));
-        tasks.push(tokio::spawn(grants::run(
-            Arc::clone(&agent),
-            stopped.clone(),
-        )));
-        tasks.push(tokio::spawn(heartbeat_loop(
-            Arc::clone(&agent),
-            opened,
-            stopped,
-        )));
+        let tasks = vec![
+            tokio::spawn(control::serve(
+                Arc::clone(&agent),
+                control_listener,
+                stopped.clone(),
+            )),
+            tokio::spawn(grants::run(Arc::clone(&agent), stopped.clone())),
+            tokio::spawn(heartbeat_loop(Arc::clone(&agent), opened, stopped)),
+        ];
         *agent.tasks.lock().unwrap_or_else(|e| e.into_inner()) = tasks;
         tracing::info!(node = %agent.config.node_id, extent_server = %extent_addr,
             control = %control_addr, "node agent started");

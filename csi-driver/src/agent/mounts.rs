@@ -296,7 +296,8 @@ pub fn grow_fs(device: &Path, mount_point: &Path, fs_type: &str) -> Result<(), M
         "ext4" => {
             let dev = device.display().to_string();
             let args = [dev.as_str()];
-            check("resize2fs", &args, run("resize2fs", "growing ext4", &args)?).map_err(|e| match e {
+            check("resize2fs", &args, run("resize2fs", "growing ext4", &args)?).map_err(|e| match e
+            {
                 // EXT4_IOC_RESIZE_FS answers EPERM without CAP_SYS_RESOURCE.
                 MountError::Command {
                     command,

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 use kube::api::Api;
-use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 use tessera_api::model::{AreaId, ExtentMap, Placement, diff};
 use tessera_api::v1alpha1::{
@@ -76,7 +75,7 @@ pub struct StagedVolume {
     /// Remote areas this volume uses.
     pub remote_areas: BTreeSet<AreaId>,
     /// The bitmaps of the last usage report written.
-    pub last_report: Option<(RoaringBitmap, RoaringBitmap)>,
+    pub last_report: Option<status::UsageView>,
     /// Brought back from the mapping cache after a restart (no kernel device yet).
     pub restored: bool,
 }
@@ -1010,5 +1009,58 @@ impl Agent {
             self.release_remote_areas(&registry, &areas).await;
         }
         let _ = cache::write_node_json_with(self, BTreeMap::new());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_api::model::{ExtentSize, Generation, ReplicaLocation, Run};
+
+    const ES: u64 = 1 << 20;
+
+    fn map(generation: u64, extents: &[Option<u64>]) -> ExtentMap {
+        let runs = extents
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match e {
+                Some(slot) => Run::new(
+                    i as u64 * ES,
+                    ES,
+                    vec![ReplicaLocation::new("a", slot * ES)],
+                ),
+                None => Run::hole(i as u64 * ES, ES),
+            })
+            .collect();
+        ExtentMap::from_runs(
+            extents.len() as u64 * ES,
+            ExtentSize::new(ES).expect("extent size"),
+            Generation(generation),
+            runs,
+        )
+        .expect("valid map")
+    }
+
+    #[test]
+    fn growth_is_appending_or_filling_holes() {
+        let old = map(1, &[Some(0), None]);
+        assert!(check_growth("v", &old, &map(2, &[Some(0), Some(1)])).is_ok());
+        assert!(check_growth("v", &old, &map(2, &[Some(0), None, Some(5)])).is_ok());
+        assert!(check_growth("v", &old, &map(2, &[Some(0), None])).is_ok());
+    }
+
+    #[test]
+    fn moving_or_releasing_a_mapped_extent_is_not_growth() {
+        let old = map(1, &[Some(0), Some(1)]);
+        let moved = check_growth("v", &old, &map(2, &[Some(3), Some(1)]));
+        assert!(
+            matches!(moved, Err(AgentError::NotGrowth { .. })),
+            "{moved:?}"
+        );
+        let released = check_growth("v", &old, &map(2, &[Some(0), None]));
+        assert!(
+            matches!(released, Err(AgentError::NotGrowth { .. })),
+            "{released:?}"
+        );
     }
 }

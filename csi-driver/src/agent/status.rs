@@ -136,6 +136,9 @@ struct WireReport {
     high_priority: ByteString,
 }
 
+/// `(in_use, high_priority)` extent bitmaps of a volume.
+pub type UsageView = (RoaringBitmap, RoaringBitmap);
+
 /// Portable roaring serialization.
 pub fn bitmap_bytes(bitmap: &RoaringBitmap) -> Vec<u8> {
     let mut optimized = bitmap.clone();
@@ -198,7 +201,7 @@ pub(crate) async fn write_usage_report(
 
 /// Every heartbeat: a report for each staged volume whose bitmaps changed since the last one.
 pub(crate) async fn report_usage_all(agent: &Arc<Agent>) {
-    let volumes: Vec<(Arc<Volume>, Option<(RoaringBitmap, RoaringBitmap)>)> = {
+    let volumes: Vec<(Arc<Volume>, Option<UsageView>)> = {
         let staged = agent.staged.lock().await;
         staged
             .volumes

@@ -297,13 +297,23 @@ impl node_server::Node for NodeService {
         let capability = capability(req.volume_capability.as_ref())?;
         // STAGE_UNSTAGE_VOLUME is advertised, so the CO must pass the staging path.
         let staging = required(&req.staging_target_path, "staging_target_path")?;
+        // Reader-only access modes are published read-only whatever `readonly` says.
+        let reader_only = req
+            .volume_capability
+            .as_ref()
+            .and_then(|c| c.access_mode.as_ref())
+            .is_some_and(|m| {
+                use volume_capability::access_mode::Mode;
+                m.mode == Mode::SingleNodeReaderOnly as i32
+                    || m.mode == Mode::MultiNodeReaderOnly as i32
+            });
         self.agent
             .publish(PublishRequest {
                 volume_id: volume_id.into(),
                 staging_path: PathBuf::from(staging),
                 target_path: PathBuf::from(target),
                 capability,
-                readonly: req.readonly,
+                readonly: req.readonly || reader_only,
             })
             .await
             .map_err(|e| status_of(&e))?;

@@ -237,6 +237,8 @@ pub struct HoldRecord {
     pub previous: Option<Arc<ExtentMap>>,
     pub staged: Option<Arc<ExtentMap>>,
     pub fenced: bool,
+    /// This hold's step was rolled back: a commit for it arriving after a restart stays void.
+    pub rolled_back: bool,
 }
 
 /// What the caller must do after a gate call.
@@ -369,7 +371,7 @@ impl IoGate {
                 attempt: op.attempt,
                 answers: BTreeMap::new(),
                 closed: None,
-                rolled_back: None,
+                rolled_back: record.rolled_back.then_some((op.attempt, op.generation)),
             }),
             retired: VecDeque::new(),
             hold: Some(Hold {
@@ -429,6 +431,8 @@ impl IoGate {
             previous: self.previous.clone(),
             staged: self.staged.clone(),
             fenced: self.fenced,
+            rolled_back: self.op.as_ref().and_then(|o| o.rolled_back)
+                == Some((h.op.attempt, h.op.generation)),
         })
     }
 

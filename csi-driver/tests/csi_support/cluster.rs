@@ -256,11 +256,11 @@ impl CsiCluster {
                 .expect("controller task");
             result.expect("controller served cleanly");
         }
-        if let Some(stop) = self.stop_operator.take() {
-            let _ = stop.send(());
-        }
+        // Like a killed pod: a graceful stop would release the Lease, which nothing here needs.
+        drop(self.stop_operator.take());
         if let Some(operator) = self.operator.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
+            operator.abort();
+            let _ = operator.await;
         }
         if let Some(server) = self.server.take() {
             server.shutdown().await;

@@ -19,6 +19,11 @@
 //!      from the fresh state — that re-plan is the re-check of 708 — so victims shrink one at a
 //!      time in exactly the order of Fig. 7.
 //!
+//! A Bound claim whose `sizeBytes` grew is **grown** ([`grow`]): the delta is admitted and
+//! placed like an allocation (no reclaim), its runs are appended past the old end of the
+//! volume's mapping at the next generation, then the volume's `spec.sizeBytes` is raised
+//! (docs/decisions.md D-33).
+//!
 //! Attached victims are skipped until the remap protocol (ARCHITECTURE §6) can quiesce them: a
 //! `VictimSkipped` Warning event says so. One reclaim runs per pool at a time (the patent's idle
 //! loop handles one allocation command at a time, Fig. 5); while it runs, other claims of the

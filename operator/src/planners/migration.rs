@@ -142,7 +142,9 @@ impl Migration {
     pub fn copy_range(&mut self, range: Range<u64>) -> Vec<CopyAction> {
         if !self.started {
             self.started = true;
-            self.states.iter_mut().for_each(|s| *s = CopyState::NotCopied);
+            self.states
+                .iter_mut()
+                .for_each(|s| *s = CopyState::NotCopied);
         }
         self.suspended = false;
         let end = range.end.min(self.states.len() as u64);
@@ -225,7 +227,12 @@ impl Migration {
     /// 806: a write was held on `extent`. If that extent is being copied, its copy gets priority:
     /// the copy is suspended (6317) and restarted with it once the outstanding COPY I/O is done
     /// (6313). `reads_suspend` is the [0108] variant where a held read suspends the copy too.
-    pub fn held_request(&mut self, extent: u64, is_write: bool, reads_suspend: bool) -> Vec<CopyAction> {
+    pub fn held_request(
+        &mut self,
+        extent: u64,
+        is_write: bool,
+        reads_suspend: bool,
+    ) -> Vec<CopyAction> {
         let copying = matches!(
             self.state(extent),
             Some(CopyState::Copying | CopyState::Suspended)

@@ -392,8 +392,10 @@ pub fn step(mut state: RemapState, event: Event) -> (RemapState, Vec<Command>) {
         return (state, out);
     }
     match event {
-        Event::Start => {
-            if state.phase == RemapPhase::Pending {
+        // A leader that finds the operation still Pending starts it (the old one may have died
+        // before it could).
+        Event::Start | Event::Restarted if state.phase == RemapPhase::Pending => {
+            {
                 out.push(Command::Report {
                     reason: "ChangeRequested",
                     message: format!(
@@ -410,6 +412,7 @@ pub fn step(mut state: RemapState, event: Event) -> (RemapState, Vec<Command>) {
                 }
             }
         }
+        Event::Start => {}
         Event::Restarted => restart(&mut state, &mut out),
         Event::Reply {
             node,
@@ -589,9 +592,24 @@ fn enter(state: &mut RemapState, phase: RemapPhase, out: &mut Vec<Command>) {
     });
 }
 
-/// After a restart or failover: new timers, re-send what is unanswered (nodes answer repeats
-/// with the recorded answer), re-issue a running copy.
+/// After a restart or failover: re-issue the idempotent side effects the previous leader may
+/// have persisted but not carried out (fences of excluded nodes, the committed mapping), new
+/// timers, re-send what is unanswered (nodes answer repeats with the recorded answer), re-issue
+/// a running copy.
 fn restart(state: &mut RemapState, out: &mut Vec<Command>) {
+    for (node, p) in &state.participants {
+        if p.excluded {
+            out.push(Command::Fence {
+                node: node.clone(),
+                cause: p.cause.clone().unwrap_or_default(),
+            });
+        }
+    }
+    if state.committed_generation != state.base_generation {
+        out.push(Command::RecordMapping {
+            generation: state.committed_generation,
+        });
+    }
     match state.phase {
         RemapPhase::Pending => {}
         RemapPhase::Copying => {
