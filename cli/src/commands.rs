@@ -192,7 +192,20 @@ async fn local(args: LocalArgs) -> Result<ExitCode> {
     config.area_size_bytes = args.area_size_bytes;
     config.frontend = args.frontend.clone();
     config.progress = true;
-    let cluster = LocalCluster::start(config).await?;
+    // One signal listener for the whole run: Ctrl-C while starting stops what has started.
+    let (interrupt_tx, mut interrupt) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = interrupt_tx.send(true);
+    });
+    let cluster = match LocalCluster::start_interruptible(config, interrupt.clone()).await {
+        Ok(cluster) => cluster,
+        Err(crate::local::LocalError::Interrupted) => {
+            eprintln!("interrupted: stopped what had started");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let endpoints = cluster.endpoints();
     let data_dir = cluster.data_dir().to_path_buf();
     eprintln!(
@@ -214,7 +227,7 @@ async fn local(args: LocalArgs) -> Result<ExitCode> {
             std::future::pending().await
         };
         tokio::select! {
-            _ = shutdown_signal() => Outcome::Interrupted,
+            _ = interrupt.wait_for(|i| *i) => Outcome::Interrupted,
             death = cluster.unexpected_exit() => Outcome::Died(death),
             outcome = work => outcome,
         }

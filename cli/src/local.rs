@@ -123,6 +123,8 @@ pub enum LocalError {
         #[source]
         source: kube::Error,
     },
+    #[error("interrupted while starting")]
+    Interrupted,
     #[error(transparent)]
     Endpoints(#[from] EndpointsError),
 }
@@ -299,6 +301,15 @@ impl LocalCluster {
     /// Starts every component and waits until each is ready; on any failure the children
     /// already started are stopped again.
     pub async fn start(config: LocalConfig) -> Result<LocalCluster, LocalError> {
+        Self::start_interruptible(config, watch::channel(false).1).await
+    }
+
+    /// [`start`](Self::start) that gives up with [`LocalError::Interrupted`] (stopping what it
+    /// started, cleanly) as soon as `interrupt` turns true — a Ctrl-C while starting.
+    pub async fn start_interruptible(
+        config: LocalConfig,
+        interrupt: watch::Receiver<bool>,
+    ) -> Result<LocalCluster, LocalError> {
         if config.nodes == 0 {
             return Err(LocalError::Config("at least one node is needed".into()));
         }
@@ -347,6 +358,7 @@ impl LocalCluster {
             stopping: Arc::new(AtomicBool::new(false)),
             death_tx,
             timeout: config.ready_timeout,
+            interrupt,
         };
         match starting.run(&config, &progress).await {
             Ok((client, endpoints)) => {
@@ -552,6 +564,7 @@ struct Starting {
     stopping: Arc<AtomicBool>,
     death_tx: mpsc::UnboundedSender<ChildDeath>,
     timeout: Duration,
+    interrupt: watch::Receiver<bool>,
 }
 
 impl Starting {
@@ -858,6 +871,9 @@ impl Starting {
                     tail: log_tail(&child.log, 20),
                 });
             }
+            if *self.interrupt.borrow() {
+                return Err(LocalError::Interrupted);
+            }
             if let Some(value) = check().await {
                 return Ok(value);
             }
@@ -876,11 +892,7 @@ impl Starting {
 }
 
 fn chrono_now() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or_default();
-    format!("unix time {secs}")
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// The shared token of the extent servers (created once, kept across runs).
@@ -1059,6 +1071,9 @@ impl Progress {
                 let state = self.state.lock().expect("progress lock");
                 let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
                 eprintln!("✓ started {} in {secs:.1}s", names.join(", "));
+            }
+            Some(e) if e == LocalError::Interrupted.to_string() => {
+                eprintln!("interrupted after {secs:.1}s: stopping what has started")
             }
             Some(_) => eprintln!("✗ tessera local failed to start after {secs:.1}s"),
         }

@@ -36,6 +36,11 @@ fn other_map(generation: u64) -> Arc<ExtentMap> {
     )
 }
 
+/// A hold on one run of extents.
+fn held_extents(range: std::ops::Range<u64>) -> HoldScope {
+    HoldScope::extents(std::iter::once(range).collect())
+}
+
 fn op(attempt: u32, generation: u64) -> OpRef {
     OpRef::new("op-1", attempt, Generation(generation))
 }
@@ -108,7 +113,7 @@ fn gate_in(start: Start) -> IoGate {
     }
     let staged = gate.stage(VOLUME, op(1, 2), map(2));
     assert!(matches!(only_answer(&staged), Ok(Reply::Staged { .. })));
-    let scope = HoldScope::extents(vec![0..4]);
+    let scope = held_extents(0..4);
     match start {
         Start::RunningStaged | Start::RunningBare => {}
         Start::Draining => {
@@ -229,7 +234,7 @@ fn transition_table_7_1_and_7_2() {
         let mut gate = gate_in(*start);
         let effects = match msg {
             Msg::Stage2 => gate.stage(VOLUME, op(1, 2), map(2)),
-            Msg::Quiesce => gate.quiesce(VOLUME, op(1, 2), HoldScope::extents(vec![0..4])),
+            Msg::Quiesce => gate.quiesce(VOLUME, op(1, 2), held_extents(0..4)),
             Msg::Commit => gate.commit(VOLUME, op(1, 2)),
             Msg::Resume => gate.resume(VOLUME, op(1, 2)),
             Msg::Rollback => gate.rollback(VOLUME, op(1, 2)),
@@ -335,7 +340,7 @@ fn drain_counts_only_the_scope() {
     let mut gate = gate_in(Start::RunningStaged);
     let outside = admitted(gate.submit(extents(9, 1), 0));
     let inside = admitted(gate.submit(extents(2, 1), 0));
-    let q = gate.quiesce(VOLUME, op(1, 2), HoldScope::extents(vec![0..4]));
+    let q = gate.quiesce(VOLUME, op(1, 2), held_extents(0..4));
     assert!(answers(&q).is_empty());
     let done = gate.complete(inside);
     assert!(matches!(
@@ -379,7 +384,7 @@ fn as16_hold_timeout_reports_and_never_resumes() {
 /// operator, parks new requests, and finishes on whatever the operator decides.
 #[test]
 fn as18_restart_inside_hold_comes_back_held() {
-    let mut gate = gate_in(Start::HeldCommitted);
+    let gate = gate_in(Start::HeldCommitted);
     let record: HoldRecord = gate.hold_record().expect("held");
     assert_eq!(record.op, op(1, 2));
     assert_eq!(record.active.generation(), Generation(2));
@@ -412,7 +417,7 @@ fn as27_idempotent_and_stale_messages() {
     // Abort attempt 1, retry as attempt 2.
     let r1 = gate.resume(VOLUME, op(1, 2));
     assert!(matches!(only_answer(&r1), Ok(Reply::Resumed { .. })));
-    let q2 = gate.quiesce(VOLUME, op(2, 2), HoldScope::extents(vec![0..4]));
+    let q2 = gate.quiesce(VOLUME, op(2, 2), held_extents(0..4));
     assert!(matches!(
         only_answer(&q2),
         Ok(Reply::QuiesceComplete { .. })
@@ -664,7 +669,7 @@ proptest! {
                     gate.complete(id)
                 }
                 Action::Quiesce { whole, start, len } => {
-                    let scope = if *whole { HoldScope::WholeVolume } else { HoldScope::extents(vec![*start..start + len]) };
+                    let scope = if *whole { HoldScope::WholeVolume } else { held_extents(*start..start + len) };
                     let effects = gate.quiesce(VOLUME, op(attempt, next_gen), scope);
                     if m.hold.is_none() && answers(&effects).iter().all(|a| a.result.is_ok()) {
                         m.hold = Some(if *whole { None } else { Some((*start..start + len).collect()) });

@@ -524,7 +524,9 @@ async fn expansion_grows_the_device_and_the_filesystem() {
     match &expanded {
         Ok(response) => assert_eq!(response.get_ref().capacity_bytes, (32 * ES) as i64),
         Err(status) if !can_resize => {
-            eprintln!("no CAP_SYS_RESOURCE: filesystem growth not checked ({status:?})");
+            eprintln!(
+                "no CAP_SYS_RESOURCE: online growth refused, checking growth at the next stage ({status:?})"
+            );
             assert!(status.message().contains("CAP_SYS_RESOURCE"), "{status:?}");
         }
         Err(status) => panic!("expand: {status:?}"),
@@ -542,15 +544,26 @@ async fn expansion_grows_the_device_and_the_filesystem() {
     .parse()
     .expect("sectors");
     assert_eq!(sectors * 512, 32 * ES, "the loop device follows the volume");
-    if expanded.is_ok() {
-        let grown = bytes_usage(&stats(target.clone()).await);
-        assert!(
-            grown.total > bytes.total + 12 * ES as i64,
-            "{bytes:?} -> {grown:?}"
-        );
-        std::fs::write(target.join("after.txt"), vec![9u8; (20 * ES) as usize])
-            .expect("the new space is usable");
+    if expanded.is_err() {
+        // Without online growth the filesystem follows at the next stage, unmounted.
+        node.unpublish("vol-grow", &target)
+            .await
+            .expect("unpublish");
+        node.unstage("vol-grow", &staging).await.expect("unstage");
+        node.stage("vol-grow", &staging, mount_cap(""))
+            .await
+            .expect("stage the grown volume");
+        node.publish("vol-grow", &staging, &target, mount_cap(""), false)
+            .await
+            .expect("publish");
     }
+    let grown = bytes_usage(&stats(target.clone()).await);
+    assert!(
+        grown.total > bytes.total + 12 * ES as i64,
+        "{bytes:?} -> {grown:?}"
+    );
+    std::fs::write(target.join("after.txt"), vec![9u8; (20 * ES) as usize])
+        .expect("the new space is usable");
     assert_eq!(
         std::fs::read_to_string(target.join("before.txt")).expect("file"),
         "before growth"
@@ -640,5 +653,34 @@ async fn a_restarted_node_serves_its_volumes_from_the_mapping_cache() {
     }
     node.unstage("vol-keep", &staging).await.expect("unstage");
     assert!(!node.state_dir().join("mappings/vol-keep.json").exists());
+    node.stop().await;
+}
+
+/// A killed plugin leaves loop devices over its (dead) FUSE files; the next start detaches them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_node_plugin_detaches_loop_devices_a_killed_one_left() {
+    require_root!();
+    let _serial = KERNEL_LOCK.lock().await;
+    let cluster = Cluster::start().await;
+    let args = cluster.node_args("node-a", 1, 16 * ES, FrontendChoice::FuseLoop);
+    // What a killed plugin leaves: a loop device whose backing file is under <state>/fuse.
+    let leftover = args.state_dir.join("fuse/vol-dead.1.0/mnt");
+    std::fs::create_dir_all(&leftover).expect("dir");
+    let file = leftover.join("volume");
+    std::fs::File::create(&file)
+        .and_then(|f| f.set_len(ES))
+        .expect("backing file");
+    let output = std::process::Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&file)
+        .output()
+        .expect("losetup");
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(leftovers(cluster.dir.path()).1.len(), 1);
+    let node = cluster.start_node(args).await;
+    assert!(
+        leftovers(cluster.dir.path()).1.is_empty(),
+        "the stale loop device was detached"
+    );
     node.stop().await;
 }

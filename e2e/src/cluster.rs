@@ -1,12 +1,12 @@
 //! What the scenarios read from the API: volumes and their mappings, areas, the pool's
 //! counters, claims. Waits poll, because the operator and the nodes converge asynchronously.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use tessera_api::v1alpha1::{
     DataPriority, Reclaimable, StorageArea, StorageClaim, StoragePool, StoragePriorityClass,
     StoragePriorityClassSpec, VirtualVolume,
@@ -100,20 +100,6 @@ pub async fn volumes_for_claim(
         })
         .filter_map(|v| v.metadata.name)
         .collect())
-}
-
-pub async fn delete_claim(env: &Environment, namespace: &str, name: &str) -> Result<()> {
-    match Api::<StorageClaim>::namespaced(env.kube.clone(), namespace)
-        .delete(name, &DeleteParams::default())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(E2eError::kube(
-            format!("delete StorageClaim {namespace}/{name}"),
-            e,
-        )),
-    }
 }
 
 pub async fn pool(env: &Environment) -> Result<StoragePool> {
@@ -224,6 +210,26 @@ pub async fn holder_nodes(env: &Environment, vol: &VirtualVolume) -> Result<BTre
     Ok(nodes)
 }
 
+/// Every replica extent of the volume's mapping as `(area, byte offset in the area)`.
+pub fn extent_locations(vol: &VirtualVolume, extent: u64) -> BTreeSet<(String, i64)> {
+    let extent = extent as i64;
+    let mut out = BTreeSet::new();
+    let runs = vol
+        .status
+        .as_ref()
+        .and_then(|s| s.mapping.as_ref())
+        .map(|m| m.extents.as_slice())
+        .unwrap_or_default();
+    for run in runs {
+        for replica in &run.replicas {
+            for k in 0..run.length / extent {
+                out.insert((replica.area.clone(), replica.area_offset + k * extent));
+            }
+        }
+    }
+    out
+}
+
 /// Bytes of the volume that its committed mapping backs with extents (holes excluded).
 pub fn mapped_bytes(vol: &VirtualVolume) -> i64 {
     vol.status
@@ -305,4 +311,80 @@ pub async fn ensure_priority_classes(env: &Environment) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_api::v1alpha1::{
+        MappedRun, ReplicaLocation, VirtualVolumeSpec, VirtualVolumeStatus, VolumeMapping,
+    };
+
+    const MIB4: i64 = 4 << 20;
+
+    fn volume(runs: Vec<MappedRun>) -> VirtualVolume {
+        let mut v = VirtualVolume::new(
+            "vol-1",
+            VirtualVolumeSpec {
+                size_bytes: 3 * MIB4,
+                pool_name: "default".into(),
+                priority_class_name: "high".into(),
+                copies: 1,
+                layout: Default::default(),
+                claim_ref: None,
+                access_node: None,
+                shared_access_nodes: Vec::new(),
+            },
+        );
+        v.status = Some(VirtualVolumeStatus {
+            mapping: Some(VolumeMapping {
+                generation: 2,
+                extent_size_bytes: MIB4,
+                extents: runs,
+            }),
+            ..Default::default()
+        });
+        v
+    }
+
+    fn run(offset: i64, length: i64, area: Option<(&str, i64)>) -> MappedRun {
+        MappedRun {
+            offset,
+            length,
+            replicas: area
+                .map(|(a, o)| {
+                    vec![ReplicaLocation {
+                        area: a.into(),
+                        area_offset: o,
+                    }]
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn holes_are_neither_mapped_nor_locations() {
+        // Two extents on area-0, a hole where reclaim released the third.
+        let v = volume(vec![
+            run(0, 2 * MIB4, Some(("area-0", 8 * MIB4))),
+            run(2 * MIB4, MIB4, None),
+        ]);
+        assert_eq!(mapped_bytes(&v), 2 * MIB4);
+        assert!(range_mapped(&v, 0, 2 * MIB4));
+        assert!(range_mapped(&v, MIB4, MIB4));
+        assert!(!range_mapped(&v, MIB4, 2 * MIB4));
+        assert!(
+            !range_mapped(&v, 0, 4 * MIB4),
+            "beyond the mapping is not mapped"
+        );
+        let locations = extent_locations(&v, MIB4 as u64);
+        assert_eq!(
+            locations.into_iter().collect::<Vec<_>>(),
+            vec![
+                ("area-0".to_string(), 8 * MIB4),
+                ("area-0".to_string(), 9 * MIB4)
+            ]
+        );
+        assert_eq!(mapping_generation(&v), Some(2));
+    }
 }

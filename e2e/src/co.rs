@@ -489,13 +489,13 @@ impl<'e> Orchestrator<'e> {
 
     /// ControllerExpandVolume (csi-resizer), then NodeExpandVolume on the node that has the
     /// volume staged (kubelet does it for a published volume whose node has EXPAND_VOLUME).
-    /// Returns the capacity the controller reported.
+    /// Returns what the controller answered: the capacity and whether node expansion is needed.
     pub async fn expand(
         &mut self,
         vol: &Provisioned,
         new_size: u64,
         attached: Option<&Attached>,
-    ) -> Result<i64> {
+    ) -> Result<(i64, bool)> {
         let controller = self.controller().await?;
         let response = controller
             .controller()
@@ -534,7 +534,7 @@ impl<'e> Orchestrator<'e> {
                     )
                 })?;
         }
-        Ok(response.capacity_bytes)
+        Ok((response.capacity_bytes, response.node_expansion_required))
     }
 
     /// Opens the volume's bytes on its node: the published device node when there is one (and

@@ -63,6 +63,10 @@ pub enum E2eError {
     /// An expectation of the scenario does not hold.
     #[error("{0}")]
     Check(String),
+    /// The scenario cannot run in this environment (e.g. it needs a kernel frontend); not a
+    /// failure.
+    #[error("skipped: {0}")]
+    Skipped(String),
     /// Several failures (a scenario's own error plus cleanup errors).
     #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; then "))]
     Many(Vec<E2eError>),

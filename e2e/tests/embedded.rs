@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tessera::local::{LocalCluster, LocalConfig};
 use tessera_e2e::scenarios::{self, Outcome, Scenario};
-use tessera_e2e::{Environment, Options};
+use tessera_e2e::{E2eError, Environment, Options};
 
 /// Small sparse areas (6 × 256 MiB = 384 extents of 4 MiB) so the reclaim scenario fills the
 /// pool with a handful of claims.
@@ -143,6 +143,7 @@ async fn run_against_local(
 async fn run_scenarios(env: &Environment, selected: &[Scenario]) -> Vec<Outcome> {
     scenarios::run(env, selected, |o| match &o.result {
         Ok(()) => println!("{} ... ok ({:.1}s)", o.name, o.elapsed.as_secs_f64()),
+        Err(E2eError::Skipped(why)) => println!("{} ... skipped: {why}", o.name),
         Err(e) => println!(
             "{} ... FAILED ({:.1}s): {e}",
             o.name,
@@ -153,10 +154,14 @@ async fn run_scenarios(env: &Environment, selected: &[Scenario]) -> Vec<Outcome>
 }
 
 fn summarize(outcomes: &[Outcome]) -> bool {
-    let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+    let skipped = outcomes
+        .iter()
+        .filter(|o| matches!(o.result, Err(E2eError::Skipped(_))))
+        .count();
+    let failed = outcomes.iter().filter(|o| o.result.is_err()).count() - skipped;
     println!(
-        "end-to-end: {} passed, {failed} failed",
-        outcomes.len() - failed
+        "end-to-end: {} passed, {failed} failed, {skipped} skipped",
+        outcomes.len() - failed - skipped
     );
     failed == 0
 }

@@ -104,7 +104,7 @@ async fn deletions_wait_while_in_use_and_a_deleted_claim_returns_its_extents() {
         .pool_where("pool", "allocated", |s| s.allocated_bytes == 300 * ES)
         .await;
 
-    // Growing a bound claim is not implemented yet: a Warning says so, nothing else changes.
+    // Growing a bound claim appends extents (D-33); the pool counts them.
     cluster
         .claims()
         .patch(
@@ -114,8 +114,11 @@ async fn deletions_wait_while_in_use_and_a_deleted_claim_returns_its_extents() {
         )
         .await
         .unwrap();
-    let note = cluster.event("data", "ExpansionNotSupported").await;
+    let note = cluster.event("data", "Expanded").await;
     assert!(note.contains(&volume.name_any()), "{note}");
+    cluster
+        .pool_where("pool", "allocated", |s| s.allocated_bytes == 400 * ES)
+        .await;
 
     // Area, class and pool are in use: their deletion waits, with a Warning saying why.
     let delete = DeleteParams::default();

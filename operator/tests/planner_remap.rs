@@ -662,6 +662,17 @@ fn sim_policy() -> Policy {
     }
 }
 
+/// Where a generation puts one remapped extent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// The source area.
+    Old,
+    /// The destination area.
+    New,
+    /// Copied during a migration: read the destination, write both ([0116]).
+    Dual,
+}
+
 #[derive(Debug, Clone)]
 struct Req {
     id: u64,
@@ -810,7 +821,17 @@ struct Sim {
     incarnation: u64,
     /// Nodes the coordinator fenced (storage refuses their I/O from then on).
     storage_fenced: BTreeSet<usize>,
-    /// Placement of affected extents: generation BASE → old, TARGET → new.
+    /// Copy mode (fourth embodiment): cycles of `chunk` extents, dual writes.
+    copy: bool,
+    chunk: u64,
+    copy_failure: u64,
+    /// Extents copied so far (copy mode).
+    copied: BTreeSet<u64>,
+    /// The outcome of each copy cycle, replayed when a restarted coordinator re-issues it.
+    copy_results: BTreeMap<u32, Result<bool, String>>,
+    /// Where each generation puts the remapped extents.
+    maps: BTreeMap<u64, Vec<Route>>,
+    /// The source areas (old placement) and the destination areas (new placement).
     old_store: Vec<u64>,
     new_store: Vec<u64>,
     acked: Vec<u64>,
@@ -818,8 +839,8 @@ struct Sim {
     /// cluster file system would).
     write_locks: BTreeSet<u64>,
     recorded: Option<u64>,
-    commit_executed: bool,
-    rollback_executed: bool,
+    /// The newest generation some node committed since the last rollback (I1 floor).
+    commit_floor: Option<u64>,
     quiesced: BTreeSet<(String, u32)>,
     committed: BTreeSet<(String, u32)>,
     next_req: u64,
@@ -832,6 +853,7 @@ struct Sim {
     coordinator_crash_after_step: u64,
     max_delay: u64,
     max_wait_seen: u64,
+    trace: bool,
 }
 
 impl Sim {
@@ -839,7 +861,15 @@ impl Sim {
         let mut rng = Rng(seed);
         let n = rng.range(1, 4) as usize;
         let names: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
-        let state = RemapState::new("remap-sim", names.clone(), BASE, sim_policy(), false);
+        let copy = rng.chance(400);
+        let chunk = rng.range(1, AFFECTED);
+        let copy_failure = if copy { rng.range(0, 150) } else { 0 };
+        let state = RemapState::new("remap-sim", names.clone(), BASE, sim_policy(), copy);
+        let mut maps = BTreeMap::new();
+        maps.insert(BASE.get(), vec![Route::Old; AFFECTED as usize]);
+        if !copy {
+            maps.insert(TARGET.get(), vec![Route::New; AFFECTED as usize]);
+        }
         let loss = rng.range(0, 60);
         let dup = rng.range(0, 60);
         let slow_io = rng.range(0, 30);
@@ -856,13 +886,18 @@ impl Sim {
             coordinator_up: true,
             incarnation: 0,
             storage_fenced: BTreeSet::new(),
+            copy,
+            chunk,
+            copy_failure,
+            copied: BTreeSet::new(),
+            copy_results: BTreeMap::new(),
+            maps,
             old_store: vec![0; EXTENTS as usize],
             new_store: vec![0; EXTENTS as usize],
             acked: vec![0; EXTENTS as usize],
             write_locks: BTreeSet::new(),
             recorded: None,
-            commit_executed: false,
-            rollback_executed: false,
+            commit_floor: None,
             quiesced: BTreeSet::new(),
             committed: BTreeSet::new(),
             next_req: 0,
@@ -874,6 +909,7 @@ impl Sim {
             coordinator_crash_after_step,
             max_delay: 0,
             max_wait_seen: 0,
+            trace: std::env::var("REMAP_SIM_TRACE").is_ok(),
         };
         for i in 0..n {
             let t = sim.rng.range(0, 20);
@@ -971,6 +1007,17 @@ impl Sim {
     }
 
     fn handle(&mut self, event: SimEvent) -> Result<(), String> {
+        if self.trace && !matches!(event, SimEvent::Tick(_) | SimEvent::Submit(_)) {
+            match &event {
+                SimEvent::ToCoordinator(_, key) => {
+                    eprintln!(
+                        "{:>6} coordinator <- {:?}",
+                        self.now, self.coordinator_events[key.0]
+                    )
+                }
+                other => eprintln!("{:>6} {other:?}", self.now),
+            }
+        }
         match event {
             SimEvent::ToCoordinator(incarnation, key) => {
                 let Some(e) = self.coordinator_events[key.0].clone() else {
@@ -1083,11 +1130,20 @@ impl Sim {
         }
         let before = self.state.phase;
         let (state, commands) = step(self.state.clone(), event);
+        if self.trace {
+            eprintln!(
+                "{:>6}   -> {:?} attempt {} cycle {} {:?}",
+                self.now, state.phase, state.attempt, state.cycle, commands
+            );
+        }
         // Write-ahead: the state is persisted before any command runs.
         self.state = state;
         // (Modelled as part of the transition: in the product the copy is its own phase with
         // a command that a restart re-issues.)
-        if before != RemapPhase::Committing && self.state.phase == RemapPhase::Committing {
+        if !self.copy
+            && before != RemapPhase::Committing
+            && self.state.phase == RemapPhase::Committing
+        {
             // The data copy happens inside the hold, before any commit (claim 5): every
             // participant is held and drained, excluded ones are fenced at the storage.
             for e in 0..AFFECTED as usize {
@@ -1141,15 +1197,67 @@ impl Sim {
                     self.send(SimEvent::FenceNode(i));
                 }
                 Command::RecordMapping { generation } => self.recorded = Some(generation.get()),
-                Command::Copy { .. } | Command::SuspendCopy { .. } => {
-                    return Err("copy command without copy mode".into());
+                Command::Copy { cycle } => {
+                    if !self.copy {
+                        return Err("copy command without copy mode".into());
+                    }
+                    self.copy_cycle(cycle)?;
                 }
+                // The modelled copy is instantaneous; nothing to suspend.
+                Command::SuspendCopy { .. } => {}
                 Command::Report { .. } => {}
             }
         }
         if self.state.is_finished() && self.finished_at.is_none() {
             self.finished_at = Some(self.now);
         }
+        Ok(())
+    }
+
+    /// The copy of one cycle (631–633), while every participant is held and the excluded ones
+    /// are fenced: copy the next chunk, define the cycle's map, report. A failed copy defines
+    /// the restore map instead (635). A re-issued copy replays its result.
+    fn copy_cycle(&mut self, cycle: u32) -> Result<(), String> {
+        let result = match self.copy_results.get(&cycle) {
+            Some(r) => r.clone(),
+            None => {
+                let target = self.state.target_generation.get();
+                let r = if self.rng.chance(self.copy_failure) {
+                    self.maps
+                        .insert(target, vec![Route::Old; AFFECTED as usize]);
+                    Err("destination write failed".to_string())
+                } else {
+                    let chunk: Vec<u64> = (0..AFFECTED)
+                        .filter(|e| !self.copied.contains(e))
+                        .take(self.chunk as usize)
+                        .collect();
+                    for &e in &chunk {
+                        self.new_store[e as usize] = self.old_store[e as usize];
+                        self.copied.insert(e);
+                    }
+                    let map = (0..AFFECTED)
+                        .map(|e| {
+                            if self.copied.contains(&e) {
+                                Route::Dual
+                            } else {
+                                Route::Old
+                            }
+                        })
+                        .collect();
+                    self.maps.insert(target, map);
+                    Ok((self.copied.len() as u64) < AFFECTED)
+                };
+                self.copy_results.insert(cycle, r.clone());
+                r
+            }
+        };
+        let event = self.coordinator_event(Event::CopyFinished {
+            cycle,
+            result: result.map(|more| CopyOutcome { more }),
+        });
+        // The copier runs beside the coordinator: its report is not lost, only delayed.
+        let d = self.rng.range(1, 30);
+        self.at(d, event);
         Ok(())
     }
 
@@ -1241,7 +1349,7 @@ impl Sim {
                                 node.active = g;
                                 node.staged = None;
                                 node.persist();
-                                self.commit_executed = true;
+                                self.commit_floor = Some(self.commit_floor.map_or(g, |f| f.max(g)));
                                 Some(NodeOutcome::Done {
                                     active: Generation(g),
                                 })
@@ -1263,7 +1371,7 @@ impl Sim {
                         node.rolled_back = Some(node.rolled_back.map_or(s, |r| r.max(s)));
                         node.answers.remove(&(NodeStep::Commit, m.attempt, g));
                         node.persist();
-                        self.rollback_executed = true;
+                        self.commit_floor = None;
                         Some(NodeOutcome::Done {
                             active: Generation(node.active),
                         })
@@ -1365,12 +1473,15 @@ impl Sim {
             // I1: after the first commit and before any rollback, nobody uses the old map; after
             // the operation succeeded, never again.
             let succeeded = self.state.phase == RemapPhase::Succeeded;
-            if req.generation == BASE.get()
-                && ((self.commit_executed && !self.rollback_executed) || succeeded)
-            {
+            let floor = if succeeded {
+                self.recorded
+            } else {
+                self.commit_floor
+            };
+            if floor.is_some_and(|f| req.generation < f) {
                 return Err(format!(
-                    "I1: {} dispatched generation {} after the commit",
-                    self.names[i], req.generation
+                    "I1: {} dispatched generation {} after generation {:?} was committed",
+                    self.names[i], req.generation, floor
                 ));
             }
             // I2: no two nodes serve the range with different generations at once.
@@ -1410,14 +1521,23 @@ impl Sim {
             // A fenced node's I/O is refused by the storage: never lands, never acknowledged.
             if !self.storage_fenced.contains(&i) {
                 let e = req.extent as usize;
-                let store = if req.extent < AFFECTED && req.generation == TARGET.get() {
-                    &mut self.new_store
-                } else if req.generation == BASE.get() || req.extent >= AFFECTED {
-                    &mut self.old_store
+                let route = if req.extent < AFFECTED {
+                    let map = self
+                        .maps
+                        .get(&req.generation)
+                        .ok_or(format!("unknown generation {}", req.generation))?;
+                    map[e]
                 } else {
-                    return Err(format!("unknown generation {}", req.generation));
+                    Route::Old
                 };
-                store[e] = value;
+                match route {
+                    Route::Old => self.old_store[e] = value,
+                    Route::New => self.new_store[e] = value,
+                    Route::Dual => {
+                        self.old_store[e] = value;
+                        self.new_store[e] = value;
+                    }
+                }
                 self.acked[e] = value;
             }
         }
@@ -1454,20 +1574,40 @@ impl Sim {
             return Err(format!("did not finish: {:?}", self.state.phase));
         }
         let final_generation = self.recorded.unwrap_or(BASE.get());
-        if self.state.phase == RemapPhase::Succeeded && final_generation != TARGET.get() {
-            return Err("succeeded without recording the target generation".into());
+        if self.state.phase == RemapPhase::Succeeded {
+            let expected = self.state.target_generation.get();
+            if final_generation != expected {
+                return Err(format!(
+                    "succeeded but recorded {final_generation}, not {expected}"
+                ));
+            }
+            if self.copy && self.copied.len() as u64 != AFFECTED {
+                return Err("succeeded before every extent was copied".into());
+            }
         }
-        if self.state.phase != RemapPhase::Succeeded && self.recorded.is_some() {
+        // A failed operation leaves the source layout, or — in copy mode, when a later cycle
+        // failed to quiesce — the last committed cycle's dual-write mapping (seed 004 loops
+        // 601 per cycle; earlier cycles stay applied). Never a destination-only placement.
+        if self.state.phase != RemapPhase::Succeeded
+            && self.maps[&final_generation]
+                .iter()
+                .any(|r| *r == Route::New)
+        {
             return Err(format!(
-                "{:?} but the mapping was recorded",
+                "{:?} but generation {final_generation} reads from the destination only",
                 self.state.phase
             ));
         }
+        let map = &self.maps[&final_generation];
         for e in 0..EXTENTS as usize {
-            let store = if (e as u64) < AFFECTED && final_generation == TARGET.get() {
-                &self.new_store
+            let route = if (e as u64) < AFFECTED {
+                map[e]
             } else {
-                &self.old_store
+                Route::Old
+            };
+            let store = match route {
+                Route::Old => &self.old_store,
+                Route::New | Route::Dual => &self.new_store,
             };
             if store[e] != self.acked[e] {
                 return Err(format!(

@@ -225,6 +225,11 @@ impl Agent {
             std::fs::create_dir_all(&path)
                 .map_err(|e| AgentError::io(format!("create {}", path.display()), e))?;
         }
+        // A killed predecessor's kernel side is dead weight: its FUSE server is gone.
+        let fuse_dir = config.state_dir.join("fuse");
+        tokio::task::spawn_blocking(move || mounts::sweep_stale_fuse(&fuse_dir))
+            .await
+            .map_err(|e| AgentError::Unsupported(format!("sweeping stale devices: {e}")))?;
         let registry = Arc::new(AreaRegistry::new());
         let opened = areas::open_all(&config).await?;
         let mut local_areas = Vec::new();

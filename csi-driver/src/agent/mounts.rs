@@ -276,6 +276,59 @@ pub fn remove_path(path: &Path) -> Result<(), MountError> {
     result.map_err(|e| sys(format!("remove {}", path.display()), e))
 }
 
+/// Loop devices whose backing file is under `dir` (from sysfs).
+pub fn loops_backed_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file"))
+            && Path::new(backing.trim()).starts_with(dir)
+        {
+            out.push(PathBuf::from(format!("/dev/{name}")));
+        }
+    }
+    out
+}
+
+/// What a killed plugin left under its fuse directory: loop devices over dead FUSE files are
+/// detached (autoclear while something still holds them) and the dead FUSE mounts lazily
+/// unmounted. Mounts of those loop devices elsewhere (staging paths) stay until the next
+/// stage or unstage of their volume unmounts them. Best effort: failures are logged.
+pub fn sweep_stale_fuse(dir: &Path) {
+    for device in loops_backed_under(dir) {
+        let dev = device.display().to_string();
+        match run(
+            "losetup",
+            "detaching stale loop devices",
+            &["-d", dev.as_str()],
+        ) {
+            Ok(output) if output.status.success() => {
+                tracing::warn!(device = %dev, "stale loop device of a previous run detached");
+            }
+            Ok(output) => tracing::warn!(device = %dev,
+                stderr = %String::from_utf8_lossy(&output.stderr).trim(), "stale loop device not detached"),
+            Err(error) => tracing::warn!(device = %dev, %error, "stale loop device not detached"),
+        }
+    }
+    let mut stale: Vec<PathBuf> = mount_table()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|m| m.starts_with(dir))
+        .collect();
+    stale.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for mount_point in stale {
+        if let Err(error) = nix::mount::umount2(&mount_point, MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %mount_point.display(), %error, "stale FUSE mount not removed");
+        }
+    }
+}
+
 /// statvfs of a mounted filesystem: (total, available, used) bytes and the same for inodes.
 pub fn fs_stats(path: &Path) -> Result<([u64; 3], [u64; 3]), MountError> {
     let st = nix::sys::statvfs::statvfs(path)
@@ -288,6 +341,42 @@ pub fn fs_stats(path: &Path) -> Result<([u64; 3], [u64; 3]), MountError> {
     let ifree = st.files_free() as u64;
     let iavail = st.files_available() as u64;
     Ok(([total, avail, used], [inodes, iavail, inodes - ifree]))
+}
+
+/// Bytes an ext4 filesystem on `device` spans (`dumpe2fs -h`: block count × block size).
+pub fn ext4_size(device: &Path) -> Result<u64, MountError> {
+    let dev = device.display().to_string();
+    let args = ["-h", dev.as_str()];
+    let output = run("dumpe2fs", "reading the ext4 size", &args)?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    check("dumpe2fs", &args, output)?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    match (field("Block count:"), field("Block size:")) {
+        (Some(count), Some(size)) => Ok(count * size),
+        _ => Err(MountError::Command {
+            command: format!("dumpe2fs -h {dev}"),
+            status: "no block count or size".into(),
+            stderr: String::new(),
+        }),
+    }
+}
+
+/// Grows an unmounted ext4 filesystem to its device (`e2fsck -f -p`, then `resize2fs`): what a
+/// NodeExpandVolume that could not grow it online left to do, done at the next stage.
+pub fn grow_ext4_offline(device: &Path) -> Result<(), MountError> {
+    let dev = device.display().to_string();
+    let fsck = ["-f", "-p", dev.as_str()];
+    let output = run("e2fsck", "checking ext4 before growing it", &fsck)?;
+    // 0: clean, 1: errors corrected.
+    if !matches!(output.status.code(), Some(0 | 1)) {
+        check("e2fsck", &fsck, output)?;
+    }
+    let args = [dev.as_str()];
+    check("resize2fs", &args, run("resize2fs", "growing ext4", &args)?)
 }
 
 /// Grows the filesystem on `device` mounted at `mount_point` to the device's size.

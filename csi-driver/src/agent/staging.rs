@@ -573,12 +573,20 @@ impl Agent {
             let fs_type = mounts::fs_type_or_default(fs_type)?.to_string();
             let flags = mount_flags.clone();
             let target = entry.staging_path.clone();
+            let size = entry.volume.size();
             blocking(move || {
                 match mounts::probe_fs(&device)? {
                     None => mounts::mkfs(&device, &fs_type)?,
                     Some(found) if found != fs_type => {
                         tracing::warn!(device = %device.display(), %found, wanted = %fs_type,
                             "volume already holds another filesystem; mounting as requested");
+                    }
+                    // The volume grew while the filesystem could not follow online (or while
+                    // the volume was not staged): grow it now, unmounted.
+                    // (A tail under 1 MiB is not worth an fsck at every stage.)
+                    Some(_) if fs_type == "ext4" && mounts::ext4_size(&device)? + (1 << 20) <= size => {
+                        tracing::info!(device = %device.display(), size, "growing ext4 before mounting");
+                        mounts::grow_ext4_offline(&device)?;
                     }
                     Some(_) => {}
                 }

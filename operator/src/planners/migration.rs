@@ -202,14 +202,14 @@ impl Migration {
                 }
                 self.priority.retain(|p| *p != extent);
                 let next = self.issue();
-                if next == vec![CopyAction::ChunkDone] && self.suspended {
-                    if let Some(&p) = self
+                if next == vec![CopyAction::ChunkDone]
+                    && self.suspended
+                    && let Some(&p) = self
                         .priority
                         .iter()
                         .find(|&&p| self.state(p) == Some(CopyState::NotCopied))
-                    {
-                        return self.copy_range(p..p + 1);
-                    }
+                {
+                    return self.copy_range(p..p + 1);
                 }
                 next
             }

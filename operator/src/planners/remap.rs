@@ -755,6 +755,18 @@ fn stopped_message(state: &RemapState) -> Option<String> {
 }
 
 fn finish(state: &mut RemapState, phase: RemapPhase, message: String, out: &mut Vec<Command>) {
+    let mut message = message;
+    if phase != RemapPhase::Succeeded
+        && state.copy
+        && state.committed_generation != state.base_generation
+        && state.restore_generation.is_none()
+    {
+        // Earlier cycles stay applied (the patent loops 601 per cycle): say where the volume is.
+        message = format!(
+            "{message} The volume stays on the partly migrated mapping of generation {} (copied extents are written to both areas).",
+            state.committed_generation
+        );
+    }
     state.phase = phase;
     state.round += 1;
     for p in state.participants.values_mut() {

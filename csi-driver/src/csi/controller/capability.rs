@@ -89,3 +89,59 @@ pub fn needs_node_expansion(capability: Option<&VolumeCapability>) -> bool {
         Some(AccessType::Block(_))
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_proto::csi::v1::volume_capability::{AccessMode, BlockVolume, MountVolume};
+
+    fn cap(mode: Mode, block: bool) -> VolumeCapability {
+        VolumeCapability {
+            access_mode: Some(AccessMode { mode: mode as i32 }),
+            access_type: Some(if block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume::default())
+            }),
+        }
+    }
+
+    #[test]
+    fn single_node_modes_take_one_borrower_and_multi_writers_need_block() {
+        for mode in [
+            Mode::SingleNodeWriter,
+            Mode::SingleNodeReaderOnly,
+            Mode::SingleNodeSingleWriter,
+            Mode::SingleNodeMultiWriter,
+        ] {
+            for block in [false, true] {
+                assert_eq!(check(&cap(mode, block)).unwrap(), Access::Single);
+            }
+        }
+        assert_eq!(
+            check(&cap(Mode::MultiNodeMultiWriter, true)).unwrap(),
+            Access::Multi
+        );
+        for (mode, block) in [
+            (Mode::MultiNodeMultiWriter, false),
+            (Mode::MultiNodeReaderOnly, true),
+            (Mode::MultiNodeSingleWriter, true),
+            (Mode::Unknown, true),
+        ] {
+            assert!(matches!(
+                check(&cap(mode, block)),
+                Err(Error::InvalidArgument(_))
+            ));
+        }
+        assert!(check_all(&[]).is_err());
+        assert!(needs_node_expansion(Some(&cap(
+            Mode::SingleNodeWriter,
+            false
+        ))));
+        assert!(!needs_node_expansion(Some(&cap(
+            Mode::SingleNodeWriter,
+            true
+        ))));
+        assert!(needs_node_expansion(None));
+    }
+}

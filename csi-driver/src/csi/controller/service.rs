@@ -947,6 +947,15 @@ impl ControllerService {
                 req.volume_id, volume.spec.size_bytes
             )));
         }
+        let node_expansion_required =
+            capability::needs_node_expansion(req.volume_capability.as_ref());
+        if size <= volume.spec.size_bytes && mapped_bytes(&volume) >= volume.spec.size_bytes {
+            // Already that large (a retried or smaller request): volumes never shrink.
+            return Ok(ControllerExpandVolumeResponse {
+                capacity_bytes: volume.spec.size_bytes,
+                node_expansion_required,
+            });
+        }
         let claim = self.claim_of(&volume).await?.ok_or_else(|| {
             Error::FailedPrecondition(format!(
                 "volume {} has no StorageClaim to grow",
@@ -976,9 +985,7 @@ impl ControllerService {
             if volume.spec.size_bytes >= target && mapped_bytes(&volume) >= target {
                 return Ok(ControllerExpandVolumeResponse {
                     capacity_bytes: volume.spec.size_bytes,
-                    node_expansion_required: capability::needs_node_expansion(
-                        req.volume_capability.as_ref(),
-                    ),
+                    node_expansion_required,
                 });
             }
             if let Some(claim) = not_found_as_none(api.get(&claim.name_any()).await)? {
