@@ -807,3 +807,25 @@ fn as12_delayed_commit_after_rollback_is_void() {
         })
     );
 }
+
+/// Copy mode keeps the attempt across cycles and raises the generation: a late Resume of the
+/// previous cycle must not release the current cycle's hold (found by the remap simulation,
+/// after a node restart lost the answer cache).
+#[test]
+fn late_resume_of_previous_cycle_does_not_release_the_hold() {
+    let mut gate = gate_in(Start::HeldCommitted);
+    gate.resume(VOLUME, op(1, 2));
+    let q = gate.quiesce(VOLUME, op(1, 3), HoldScope::WholeVolume);
+    assert!(matches!(only_answer(&q), Ok(Reply::QuiesceComplete { .. })));
+    let record = gate.hold_record().expect("held");
+    let (mut gate, _) = IoGate::restore(record, HOLD_TIMEOUT, 0);
+    assert!(matches!(
+        only_answer(&gate.resume(VOLUME, op(1, 2))),
+        Err(Refusal::NotHeld { .. })
+    ));
+    assert!(matches!(
+        only_answer(&gate.commit(VOLUME, op(1, 2))),
+        Err(Refusal::NotHeld { .. })
+    ));
+    assert_eq!(gate.state(), GateState::Held);
+}

@@ -126,8 +126,27 @@ pub struct Attached {
     pub node: String,
     pub publish_context: HashMap<String, String>,
     pub staging_path: PathBuf,
-    pub target_path: PathBuf,
+    /// The pod's path; `None` when the node has no kernel frontend and the volume was only
+    /// staged (reached through its NBD export).
+    pub target_path: Option<PathBuf>,
     pub access: Access,
+}
+
+impl Attached {
+    /// Where the pod sees the volume (a Mount volume's directory, a Block volume's device).
+    pub fn pod_path(&self) -> Result<&Path> {
+        self.target_path.as_deref().ok_or_else(|| {
+            E2eError::Check(format!(
+                "{} is only staged on {} (no kernel frontend), not published",
+                self.volume_id, self.node
+            ))
+        })
+    }
+
+    /// `volume_path` for NodeExpandVolume: the published path, else the staging path.
+    fn volume_path(&self) -> &Path {
+        self.target_path.as_deref().unwrap_or(&self.staging_path)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -463,11 +482,16 @@ impl<'e> Orchestrator<'e> {
     }
 
     /// What happens when a pod using the volume starts on `node`: ControllerPublish, NodeStage,
-    /// NodePublish.
+    /// NodePublish. Without a kernel frontend a Block volume stops after NodeStage: the node
+    /// cannot hand a pod a device, but the staged volume is served over NBD.
     pub async fn attach(&mut self, vol: &Provisioned, node: &str) -> Result<Attached> {
         let publish_context = self.controller_publish(vol, node).await?;
         let staging_path = self.node_stage(vol, node, &publish_context).await?;
-        let target_path = self.node_publish(vol, node, &publish_context).await?;
+        let target_path = if self.env.kernel_frontend {
+            Some(self.node_publish(vol, node, &publish_context).await?)
+        } else {
+            None
+        };
         Ok(Attached {
             volume_id: vol.id.clone(),
             node: node.to_string(),
@@ -480,8 +504,10 @@ impl<'e> Orchestrator<'e> {
 
     /// What happens when the pod goes away: NodeUnpublish, NodeUnstage, ControllerUnpublish.
     pub async fn detach(&mut self, att: &Attached) -> Result<()> {
-        self.node_unpublish(&att.volume_id, &att.node, &att.target_path)
-            .await?;
+        if let Some(target) = &att.target_path {
+            self.node_unpublish(&att.volume_id, &att.node, target)
+                .await?;
+        }
         self.node_unstage(&att.volume_id, &att.node, &att.staging_path)
             .await?;
         self.controller_unpublish(&att.volume_id, &att.node).await
@@ -516,7 +542,7 @@ impl<'e> Orchestrator<'e> {
             conn.node()
                 .node_expand_volume(NodeExpandVolumeRequest {
                     volume_id: vol.id.clone(),
-                    volume_path: path_string(&att.target_path),
+                    volume_path: path_string(att.volume_path()),
                     capacity_range: Some(CapacityRange {
                         required_bytes: new_size as i64,
                         limit_bytes: 0,
@@ -540,17 +566,15 @@ impl<'e> Orchestrator<'e> {
     /// Opens the volume's bytes on its node: the published device node when there is one (and
     /// the environment allows it), else the NBD export of the staged volume.
     pub async fn open_io(&self, att: &Attached) -> Result<VolumeIo> {
-        let device = match att.access {
-            Access::Block => block_device_at(&att.target_path),
-            Access::Mount { .. } => None,
+        let device = match (&att.access, &att.target_path) {
+            (Access::Block, Some(target)) => block_device_at(target),
+            _ => None,
         };
         match (self.env.io_path, device) {
             (IoPath::Auto | IoPath::Device, Some(dev)) => VolumeIo::open_device(&dev).await,
             (IoPath::Device, None) => Err(E2eError::Check(format!(
-                "TESSERA_E2E_IO=device but the published target {} on {} is not a block device \
-                 (no kernel frontend on the node?)",
-                att.target_path.display(),
-                att.node
+                "TESSERA_E2E_IO=device but {} on {} has no published block device (target {:?})",
+                att.volume_id, att.node, att.target_path
             ))),
             (IoPath::Auto | IoPath::Nbd, _) => {
                 let (socket, export) = self.nbd_export(&att.volume_id, &att.node)?;

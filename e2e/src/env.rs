@@ -47,6 +47,10 @@ pub struct Environment {
     /// Parent of the staging and target paths; must be visible to the node plugins.
     pub work_dir: PathBuf,
     pub io_path: IoPath,
+    /// Whether the nodes can give a pod a kernel block device (a kernel frontend such as
+    /// fuse-loop, which needs root). Without one, NodePublish of a Block volume is refused, so
+    /// the harness stops after NodeStage and reaches the volume through its NBD export.
+    pub kernel_frontend: bool,
     /// Bound on every wait for the system to converge (claims, counters, attachments).
     pub timeout: Duration,
 }
@@ -61,6 +65,7 @@ impl std::fmt::Debug for Environment {
             .field("namespace", &self.namespace)
             .field("work_dir", &self.work_dir)
             .field("io_path", &self.io_path)
+            .field("kernel_frontend", &self.kernel_frontend)
             .finish_non_exhaustive()
     }
 }
@@ -164,6 +169,7 @@ pub struct Options {
     pub namespace: String,
     pub work_dir: PathBuf,
     pub io_path: IoPath,
+    pub kernel_frontend: bool,
     pub timeout: Duration,
 }
 
@@ -175,12 +181,14 @@ impl Options {
             namespace: "default".into(),
             work_dir: work_dir.into(),
             io_path: IoPath::Auto,
+            kernel_frontend: true,
             timeout: Duration::from_secs(90),
         }
     }
 
     /// Overrides from `TESSERA_E2E_POOL`, `TESSERA_E2E_NAMESPACE`, `TESSERA_E2E_WORK_DIR`,
-    /// `TESSERA_E2E_IO` (`auto|nbd|device`) and `TESSERA_E2E_TIMEOUT_SECONDS`.
+    /// `TESSERA_E2E_IO` (`auto|nbd|device`), `TESSERA_E2E_KERNEL_FRONTEND` (`0|1`) and
+    /// `TESSERA_E2E_TIMEOUT_SECONDS`.
     pub fn with_env_overrides(mut self) -> Result<Self> {
         if let Ok(pool) = std::env::var("TESSERA_E2E_POOL") {
             self.pool = pool;
@@ -199,6 +207,17 @@ impl Options {
                 other => {
                     return Err(E2eError::Config(format!(
                         "TESSERA_E2E_IO={other:?}: expected auto, nbd or device"
+                    )));
+                }
+            };
+        }
+        if let Ok(v) = std::env::var("TESSERA_E2E_KERNEL_FRONTEND") {
+            self.kernel_frontend = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                other => {
+                    return Err(E2eError::Config(format!(
+                        "TESSERA_E2E_KERNEL_FRONTEND={other:?}: expected 0 or 1"
                     )));
                 }
             };
@@ -264,6 +283,7 @@ impl Environment {
             namespace: options.namespace,
             work_dir: options.work_dir,
             io_path: options.io_path,
+            kernel_frontend: options.kernel_frontend,
             timeout: options.timeout,
         })
     }

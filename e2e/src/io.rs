@@ -210,7 +210,7 @@ async fn blocking<T: Send + 'static>(
 
 /// A 4096-aligned buffer, as O_DIRECT requires.
 struct AlignedBuf {
-    words: Vec<Page>,
+    pages: Vec<Page>,
     len: usize,
 }
 
@@ -221,20 +221,20 @@ struct Page([u8; 4096]);
 impl AlignedBuf {
     fn zeroed(len: usize) -> Self {
         Self {
-            words: vec![Page([0; 4096]); len.div_ceil(4096)],
+            pages: vec![Page([0; 4096]); len.div_ceil(4096)],
             len,
         }
     }
 
     fn as_slice(&self) -> &[u8] {
         // SAFETY: `Page` is a plain 4096-byte array with no padding, so the vector's storage is
-        // `words.len() * 4096` initialised bytes; `len` never exceeds that.
-        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+        // `pages.len() * 4096` initialised bytes; `len` never exceeds that.
+        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
     }
 
     fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and the borrow is unique.
-        unsafe { std::slice::from_raw_parts_mut(self.words.as_mut_ptr().cast::<u8>(), self.len) }
+        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
     }
 }
 

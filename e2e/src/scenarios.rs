@@ -563,10 +563,11 @@ pub async fn second_single_writer_publish_is_refused(env: &Environment) -> Resul
 pub async fn a_filesystem_keeps_its_files_across_nodes_and_grows_online(
     env: &Environment,
 ) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !env.kernel_frontend {
         return Err(E2eError::Skipped(
-            "mounting a filesystem needs root (kernel frontend fuse-loop)".into(),
+            "a filesystem needs a kernel block device, and these nodes have no kernel frontend \
+             (fuse-loop needs root)"
+                .into(),
         ));
     }
     with_orchestrator(env, async |co: &mut Orchestrator<'_>| {
@@ -582,13 +583,13 @@ pub async fn a_filesystem_keeps_its_files_across_nodes_and_grows_online(
         let vol = co.create_volume(&request).await?;
 
         let att = co.attach(&vol, &node1).await?;
-        let file = att.target_path.join("seed-001.bin");
+        let file = att.pod_path()?.join("seed-001.bin");
         let data = pattern(61, 0, 1 << 20);
         write_file(&file, &data).await?;
         co.detach(&att).await?;
 
         let att = co.attach(&vol, &node2).await?;
-        let file = att.target_path.join("seed-001.bin");
+        let file = att.pod_path()?.join("seed-001.bin");
         let got = read_file(&file).await?;
         ensure!(
             got == data,
@@ -596,7 +597,7 @@ pub async fn a_filesystem_keeps_its_files_across_nodes_and_grows_online(
             file.display(),
             first_difference(&got, &data)
         );
-        let before = filesystem_bytes(&att.target_path)?;
+        let before = filesystem_bytes(att.pod_path()?)?;
         if !has_capability(CAP_SYS_RESOURCE) {
             // Online ext4 growth (resize2fs on a mounted filesystem) needs CAP_SYS_RESOURCE;
             // a container without it (this harness's, and so its local node agents') cannot.
@@ -615,11 +616,11 @@ pub async fn a_filesystem_keeps_its_files_across_nodes_and_grows_online(
             node_expansion,
             "ControllerExpandVolume of a filesystem volume did not ask for node expansion"
         );
-        let after = filesystem_bytes(&att.target_path)?;
+        let after = filesystem_bytes(att.pod_path()?)?;
         ensure!(
             after >= before + 3 * extent,
             "the filesystem at {} has {after} bytes after growing the volume by {} (was {before})",
-            att.target_path.display(),
+            att.pod_path()?.display(),
             4 * extent
         );
         ensure!(

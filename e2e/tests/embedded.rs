@@ -135,7 +135,20 @@ async fn run_against_local(
     work_dir: &Path,
     selected: &[Scenario],
 ) -> anyhow::Result<Vec<Outcome>> {
-    let options = Options::new(work_dir).with_env_overrides()?;
+    // The local node agents run as this user: fuse-loop (the kernel frontend) needs root.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let options = Options {
+        kernel_frontend: root,
+        ..Options::new(work_dir)
+    }
+    .with_env_overrides()?;
+    if !options.kernel_frontend {
+        println!(
+            "no kernel frontend (not root): Block volumes are staged and reached through their NBD \
+             exports; filesystem scenarios are skipped"
+        );
+    }
     let env = Environment::from_endpoints(&data_dir.join("endpoints.json"), options).await?;
     Ok(run_scenarios(&env, selected).await)
 }

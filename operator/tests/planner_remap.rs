@@ -1335,7 +1335,11 @@ impl Sim {
                     let void = node.rolled_back.is_some_and(|r| (m.attempt, g) <= r);
                     match node.hold.as_mut() {
                         _ if void => Some(refuse("rolled back", None)),
-                        Some(h) if h.attempt == m.attempt && h.draining.is_empty() => {
+                        Some(h)
+                            if h.attempt == m.attempt
+                                && h.generation == g
+                                && h.draining.is_empty() =>
+                        {
                             if h.committed && node.active == g {
                                 Some(NodeOutcome::Done {
                                     active: Generation(g),
@@ -1359,7 +1363,7 @@ impl Sim {
                     }
                 }
                 NodeStep::Rollback => match node.hold.as_mut() {
-                    Some(h) => {
+                    Some(h) if h.attempt == m.attempt && h.generation == g => {
                         if h.committed {
                             h.committed = false;
                             node.staged = Some(node.active);
@@ -1374,13 +1378,13 @@ impl Sim {
                             active: Generation(node.active),
                         })
                     }
-                    None => Some(refuse("not held", Some(node.active))),
+                    _ => Some(refuse("not held", Some(node.active))),
                 },
                 NodeStep::Resume => {
                     let s = (m.attempt, g);
                     node.closed = Some(node.closed.map_or(s, |c| c.max(s)));
                     match &node.hold {
-                        Some(h) if h.attempt == m.attempt => {
+                        Some(h) if h.attempt == m.attempt && h.generation == g => {
                             // I6 is checked where messages are sent: nothing is sent to
                             // a node after its exclusion, and a node resumes only on a Resume
                             // (a restart comes back held). A Resume sent before the exclusion
@@ -1587,9 +1591,7 @@ impl Sim {
         // failed to quiesce — the last committed cycle's dual-write mapping (seed 004 loops
         // 601 per cycle; earlier cycles stay applied). Never a destination-only placement.
         if self.state.phase != RemapPhase::Succeeded
-            && self.maps[&final_generation]
-                .iter()
-                .any(|r| *r == Route::New)
+            && self.maps[&final_generation].contains(&Route::New)
         {
             return Err(format!(
                 "{:?} but generation {final_generation} reads from the destination only",

@@ -679,9 +679,9 @@ impl IoGate {
                 active,
             });
         };
-        if hold.op.attempt != op.attempt {
+        if (hold.op.attempt, hold.op.generation) != (op.attempt, op.generation) {
             return Err(Refusal::NotHeld {
-                state: "held for another attempt",
+                state: "held for another step",
                 active,
             });
         }
@@ -722,7 +722,7 @@ impl IoGate {
         if let Some(done) = self.admit_message(kind, volume, &op) {
             return done;
         }
-        let result = self.do_rollback();
+        let result = self.do_rollback(&op);
         let mut effects = Vec::new();
         if result.is_ok() {
             if let Some(current) = self.op.as_mut() {
@@ -738,7 +738,7 @@ impl IoGate {
         effects
     }
 
-    fn do_rollback(&mut self) -> Result<Reply, Refusal> {
+    fn do_rollback(&mut self, op: &OpRef) -> Result<Reply, Refusal> {
         if self.fenced {
             return Err(self.fenced_refusal());
         }
@@ -750,6 +750,12 @@ impl IoGate {
                 active,
             });
         };
+        if (hold.op.attempt, hold.op.generation) != (op.attempt, op.generation) {
+            return Err(Refusal::NotHeld {
+                state: "held for another step",
+                active,
+            });
+        }
         if hold.committed {
             let Some(previous) = self.previous.take() else {
                 return Err(Refusal::NothingToRollBack);
@@ -762,7 +768,8 @@ impl IoGate {
         })
     }
 
-    /// `Resume` (510/511, 815–817'): refused unless the hold is set (held, or still draining —
+    /// `Resume` (510/511, 815–817'): refused unless the hold is set for this very step (same
+    /// attempt and generation) (held, or still draining —
     /// an abort after a quiesce timeout resumes nodes that never finished draining, §7.1 "HELD
     /// (or DRAINING)"); clears the hold, stops the timer and dispatches every parked request in
     /// arrival order on the now-active map.
@@ -785,8 +792,10 @@ impl IoGate {
                 let refusal = Err(self.not_held(self.state().name()));
                 return vec![self.answer(kind, op, refusal)];
             }
-            Some(hold) if hold.op.attempt != op.attempt => {
-                let refusal = Err(self.not_held("held for another attempt"));
+            // A Resume of an earlier cycle (same attempt, older generation) arriving late must
+            // not release this cycle's hold.
+            Some(hold) if (hold.op.attempt, hold.op.generation) != (op.attempt, op.generation) => {
+                let refusal = Err(self.not_held("held for another step"));
                 return vec![self.answer(kind, op, refusal)];
             }
             Some(_) => {}

@@ -11,6 +11,8 @@
 //! - [`charging`] — periodic charging (Fig. 10, [0075]–[0077]) in exact fixed-point decimal.
 //! - [`placement`] — where a volume's extents go (seed 002 Fig. 7, [0119]–[0127]; seed 001 usage
 //!   forms, [0017]–[0020]).
+//! - [`remap`] — the VolumeRemap coordinator (seed 004 §6/§7.3), `step(state, event)`.
+//! - [`migration`] — online migration copy states and routing (seed 004 Figs. 22–26).
 //!
 //! **Unit.** All planners count in *extents*, the pool's allocation unit
 //! (`StoragePool.spec.extentSizeBytes`), which is seed 000's "block" ([0017], [0031]). Only
