@@ -216,6 +216,68 @@ impl NodeControl for Service {
             detail: inquiry.detail,
         }))
     }
+
+    // The remap steps (seed 004) are wired to the engine's I/O gate by the remap issue; until
+    // then they are refused explicitly rather than pretended.
+    async fn stage_mapping(
+        &self,
+        _: Request<tessera_proto::node_control::v1::StageMappingRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
+        Err(remap_not_wired())
+    }
+
+    async fn quiesce(
+        &self,
+        _: Request<tessera_proto::node_control::v1::QuiesceRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
+        Err(remap_not_wired())
+    }
+
+    async fn commit(
+        &self,
+        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
+        Err(remap_not_wired())
+    }
+
+    async fn rollback(
+        &self,
+        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
+        Err(remap_not_wired())
+    }
+
+    async fn resume(
+        &self,
+        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
+        Err(remap_not_wired())
+    }
+
+    async fn fence(
+        &self,
+        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
+        Err(remap_not_wired())
+    }
+
+    async fn copy_extents(
+        &self,
+        _: Request<tessera_proto::node_control::v1::CopyExtentsRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::CopyExtentsResponse>, Status> {
+        Err(remap_not_wired())
+    }
+
+    async fn get_gate_state(
+        &self,
+        _: Request<tessera_proto::node_control::v1::GetGateStateRequest>,
+    ) -> Result<Response<tessera_proto::node_control::v1::GateStateResponse>, Status> {
+        Err(remap_not_wired())
+    }
+}
+
+fn remap_not_wired() -> Status {
+    Status::unimplemented("the remap steps are not wired to the I/O gate yet (docs/remap.md)")
 }
 
 /// The gRPC status of an agent error on the node-control side (the CSI side has its own in
