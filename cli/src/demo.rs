@@ -31,14 +31,14 @@ const CHUNK: u64 = 1 << 20;
 
 /// The demo's volumes for a cluster of `nodes` nodes with two areas of `area_size` each: a
 /// high-priority volume larger than one area (so its mapping spans areas) on the first node,
-/// and a low-priority one on the second (whose extents may be on the first node's areas, so
-/// its I/O goes through that node's extent server).
+/// and a low-priority one on the last node (where placement need not have put its extents: its
+/// I/O then goes through the lending node's extent server, seed 001).
 pub fn plan(nodes: &[String], area_size: u64) -> Vec<DemoVolume> {
     let capacity = nodes.len() as u64 * 2 * area_size;
     let round = |b: u64| (b / EXTENT).max(1) * EXTENT;
     let high = round((area_size * 3 / 2).min(capacity * 2 / 5));
     let low = round(area_size.min(capacity * 3 / 10));
-    let second = nodes.get(1).or(nodes.first()).cloned().unwrap_or_default();
+    let second = nodes.last().cloned().unwrap_or_default();
     vec![
         DemoVolume {
             name: "demo-high".into(),
@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(p[0].size_bytes, 3 << 29);
         assert_eq!(p[0].node, "node-a");
         assert_eq!(p[1].size_bytes, 1 << 30);
-        assert_eq!(p[1].node, "node-b");
+        assert_eq!(p[1].node, "node-c");
         let one = plan(&nodes[..1], 1 << 30);
         let total: u64 = one.iter().map(|v| v.size_bytes).sum();
         assert!(total <= 2 << 30, "{one:?}");

@@ -56,6 +56,13 @@ pub struct RunArgs {
     /// Seconds without a heartbeat after which an Online StorageArea becomes Offline.
     #[arg(long, default_value_t = 40)]
     pub area_heartbeat_timeout_seconds: u64,
+    /// File holding the shared node-control token (the node agents' token). Without it the
+    /// remap coordinator refuses remaps of attached volumes.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Namespace of the node Leases (`tessera-node-<node>`, the node agents' `--namespace`).
+    #[arg(long, default_value = "default")]
+    pub node_namespace: String,
 }
 
 /// Runs the command; `run` stops when `shutdown` resolves.
@@ -105,6 +112,12 @@ async fn run_controllers(
     config.leader.namespace = args.lease_namespace;
     config.leader.lease_name = args.lease_name;
     config.area_heartbeat_timeout = Duration::from_secs(args.area_heartbeat_timeout_seconds);
+    config.node_namespace = args.node_namespace;
+    if let Some(path) = &args.token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the node-control token {}", path.display()))?;
+        config.node_token = Some(token.trim().to_string());
+    }
     let operator = Operator::new(client, config);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -9,8 +9,13 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+use tessera_api::model::{ExtentMap, Generation};
 use tessera_api::v1alpha1::VolumeMapping;
+
+use crate::engine::gate::{HoldRecord, HoldScope, OpRef};
 
 use super::staging::Capability;
 use super::{Agent, AgentError};
@@ -28,6 +33,100 @@ pub struct CachedVolume {
     /// Targets the volume was published at.
     #[serde(default)]
     pub published: Vec<PathBuf>,
+    /// The I/O gate's hold record while a remap holds the volume (seed 004 §11.4): a restarted
+    /// plugin comes back held from it. `mapping` is then the hold's active map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<CachedHold>,
+}
+
+/// [`HoldRecord`] in the cache file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedHold {
+    pub operation_id: String,
+    pub attempt: u32,
+    pub generation: u64,
+    /// Held extent index ranges `[start, end)`; absent: the whole volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extents: Option<Vec<[u64; 2]>>,
+    /// The map from before the hold's commit, while a rollback is still possible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<SizedMapping>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<SizedMapping>,
+    #[serde(default)]
+    pub fenced: bool,
+    #[serde(default)]
+    pub rolled_back: bool,
+}
+
+/// A mapping with the volume size it was made for (maps of one hold may differ in size).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SizedMapping {
+    pub size_bytes: i64,
+    pub mapping: VolumeMapping,
+}
+
+impl CachedHold {
+    pub fn from_record(record: &HoldRecord) -> Result<CachedHold, String> {
+        let wire = |map: &Option<Arc<ExtentMap>>| {
+            map.as_ref()
+                .map(|m| {
+                    Ok::<_, String>(SizedMapping {
+                        size_bytes: m.size_bytes() as i64,
+                        mapping: VolumeMapping::from_model(m).map_err(|e| e.to_string())?,
+                    })
+                })
+                .transpose()
+        };
+        Ok(CachedHold {
+            operation_id: record.op.operation_id.clone(),
+            attempt: record.op.attempt,
+            generation: record.op.generation.get(),
+            extents: match &record.scope {
+                HoldScope::WholeVolume => None,
+                HoldScope::Extents(ranges) => {
+                    Some(ranges.iter().map(|r| [r.start, r.end]).collect())
+                }
+            },
+            previous: wire(&record.previous)?,
+            staged: wire(&record.staged)?,
+            fenced: record.fenced,
+            rolled_back: record.rolled_back,
+        })
+    }
+
+    /// The gate's record; `active` is the cached volume's mapping.
+    pub fn to_record(&self, volume: &str, active: Arc<ExtentMap>) -> Result<HoldRecord, String> {
+        let model = |m: &Option<SizedMapping>| -> Result<Option<Arc<ExtentMap>>, String> {
+            m.as_ref()
+                .map(|m| {
+                    m.mapping
+                        .to_model(m.size_bytes)
+                        .map(Arc::new)
+                        .map_err(|e| e.to_string())
+                })
+                .transpose()
+        };
+        Ok(HoldRecord {
+            volume: volume.to_string(),
+            op: OpRef::new(
+                self.operation_id.clone(),
+                self.attempt,
+                Generation(self.generation),
+            ),
+            scope: match &self.extents {
+                None => HoldScope::WholeVolume,
+                Some(ranges) => HoldScope::extents(ranges.iter().map(|[s, e]| *s..*e).collect()),
+            },
+            active,
+            previous: model(&self.previous)?,
+            staged: model(&self.staged)?,
+            fenced: self.fenced,
+            rolled_back: self.rolled_back,
+        })
+    }
 }
 
 /// `<dir>/<file>` replaced atomically (see the module docs).

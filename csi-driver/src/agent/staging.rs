@@ -98,13 +98,24 @@ impl StagedVolume {
         self.kernel.take().map(parking_lot::Mutex::into_inner)
     }
 
-    fn cached(&self) -> Result<CachedVolume, AgentError> {
+    pub(crate) fn cached(&self) -> Result<CachedVolume, AgentError> {
         let mapping = VolumeMapping::from_model(&self.volume.map()).map_err(|e| {
             AgentError::InvalidMapping {
                 volume: self.volume.name().into(),
                 reason: e.to_string(),
             }
         })?;
+        // The hold record goes with every cache write, so a stage or publish during a hold
+        // does not drop it (seed 004 §11.4).
+        let hold = self
+            .volume
+            .hold_record()
+            .map(|record| cache::CachedHold::from_record(&record))
+            .transpose()
+            .map_err(|reason| AgentError::InvalidMapping {
+                volume: self.volume.name().into(),
+                reason,
+            })?;
         Ok(CachedVolume {
             volume_id: self.volume.name().into(),
             size_bytes: self.size_spec.max(self.volume.size() as i64),
@@ -112,6 +123,7 @@ impl StagedVolume {
             staging_path: self.staging_path.clone(),
             capability: self.capability.clone(),
             published: self.published.keys().cloned().collect(),
+            hold,
         })
     }
 }
@@ -273,7 +285,7 @@ impl Agent {
 
     /// Connects the remote areas `map` names that are not connected yet, and waits until every
     /// remote area serves this volume's ranges (the lender's grant may lag the publish).
-    async fn ensure_remote_areas(
+    pub(crate) async fn ensure_remote_areas(
         &self,
         registry: &Registry,
         volume: &str,
@@ -350,7 +362,11 @@ impl Agent {
     }
 
     /// Disconnects remote areas no staged volume uses any more.
-    async fn release_remote_areas(&self, registry: &Registry, areas: &BTreeSet<AreaId>) {
+    pub(crate) async fn release_remote_areas(
+        &self,
+        registry: &Registry,
+        areas: &BTreeSet<AreaId>,
+    ) {
         for area in areas {
             if registry.remote_in_use(area) || self.local_areas.contains(area) {
                 continue;

@@ -72,6 +72,16 @@ pub(crate) async fn set_attachment(
     volume: &str,
     generation: Option<i64>,
 ) -> Result<(), AgentError> {
+    set_attachment_state(agent, volume, generation, AttachmentState::Running).await
+}
+
+/// [`set_attachment`] with the gate's state (Held during a remap hold, Fenced once excluded).
+pub(crate) async fn set_attachment_state(
+    agent: &Agent,
+    volume: &str,
+    generation: Option<i64>,
+    state: AttachmentState,
+) -> Result<(), AgentError> {
     let api: Api<VirtualVolume> = Api::all(agent.client.clone());
     let node = &agent.config.node_id;
     for attempt in 0..10 {
@@ -94,7 +104,7 @@ pub(crate) async fn set_attachment(
             attachments.push(VolumeAttachment {
                 node: node.clone(),
                 applied_generation: generation,
-                state: AttachmentState::Running,
+                state: state.clone(),
             });
             attachments.sort_by(|a, b| a.node.cmp(&b.node));
         }

@@ -72,6 +72,15 @@ pub enum EngineError {
     #[error("volume has {extents} extents; at most 2^32 are supported")]
     TooManyExtents { extents: u64 },
 
+    /// The volume's I/O gate refused the request: this node was fenced (excluded from a remap,
+    /// seed 004 611/617) and must restage the volume to serve it again.
+    #[error("volume {volume} is fenced on this node: {reason}")]
+    Fenced { volume: String, reason: String },
+
+    /// A remap step of the I/O gate was refused (the refusal's text, seed 004 713/819).
+    #[error("{0}")]
+    Gate(#[from] super::gate::Refusal),
+
     /// The domain model refused a range or a map.
     #[error(transparent)]
     Map(#[from] MapError),

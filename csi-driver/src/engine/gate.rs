@@ -394,6 +394,49 @@ impl IoGate {
         &self.volume
     }
 
+    /// Changes timer 215 (`holdTimeoutMs`); a running hold timer keeps its current deadline.
+    pub fn set_hold_timeout(&mut self, hold_timeout: Millis) {
+        self.hold_timeout = hold_timeout;
+    }
+
+    /// The step the hold is set for, if any (for GetGateState and the copy of a held range).
+    pub fn hold_op(&self) -> Option<&OpRef> {
+        self.hold.as_ref().map(|h| &h.op)
+    }
+
+    /// The id of the operation the gate serves (held or last answered), if any.
+    pub fn operation(&self) -> Option<(&str, u32)> {
+        self.op.as_ref().map(|o| (o.id.as_str(), o.attempt))
+    }
+
+    /// Growth without a hold (ARCHITECTURE §6: runs appended or holes filled, nothing mapped
+    /// moves, so no in-flight request can observe the change): `map` becomes active at once.
+    /// Refused while a hold is set or the volume is fenced — a remap in progress owns the map —
+    /// and for a generation that is not newer. The caller checked that the change is growth.
+    pub fn apply_growth(&mut self, map: Arc<ExtentMap>) -> Result<(), Refusal> {
+        if self.fenced {
+            return Err(self.fenced_refusal());
+        }
+        if let Some(hold) = &self.hold {
+            return Err(Refusal::OtherOperation {
+                active: hold.op.operation_id.clone(),
+                offered: format!("growth to generation {}", map.generation()),
+            });
+        }
+        if map.generation() <= self.active.generation() {
+            return Err(self.stale_generation(map.generation()));
+        }
+        if self
+            .staged
+            .as_ref()
+            .is_some_and(|s| s.generation() <= map.generation())
+        {
+            self.staged = None;
+        }
+        self.active = map;
+        Ok(())
+    }
+
     pub fn state(&self) -> GateState {
         match &self.hold {
             _ if self.fenced => GateState::Fenced,

@@ -1,10 +1,11 @@
 //! One virtual volume on this node: translation through the active extent map, replicas, usage
 //! and dirty tracking. See the module documentation of [`crate::engine`] for the guarantees.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::ops::Range;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -18,6 +19,7 @@ use tessera_api::v1alpha1::DataPriority;
 
 use super::dirty::DirtyTracker;
 use super::error::EngineError;
+use super::gate::{Admission, Effect, HoldRecord, IoGate, Millis, OpRef, Refusal, RequestId, Span};
 use super::health::{ReplicaHealth, VolumeHealth};
 use super::usage::{UsageDelta, UsageTracker};
 use crate::backend::{AreaBackend, AreaRegistry, BackendError};
@@ -58,13 +60,59 @@ enum Mutation {
     Trim,
 }
 
+/// Default hold timer 215 (`holdTimeoutMs` of the CRD).
+pub const DEFAULT_HOLD_TIMEOUT_MS: Millis = 30_000;
+
+/// What a parked request is woken with: the map to translate with, or the fence refusal.
+type Wakeup = tokio::sync::oneshot::Sender<Result<Arc<ExtentMap>, Refusal>>;
+
+/// The I/O gate of the volume and the parked requests waiting on it.
+struct GateCell {
+    gate: IoGate,
+    parked: HashMap<RequestId, Wakeup>,
+    /// Timer 215, kept for a gate rebuilt by `restore_hold`.
+    hold_timeout: Millis,
+}
+
+/// A volume is fenced: its requests fail (EIO).
+fn fenced(volume: &str, refusal: Refusal) -> EngineError {
+    EngineError::Fenced {
+        volume: volume.to_string(),
+        reason: refusal.to_string(),
+    }
+}
+
+/// A request counted in flight by the gate; dropping it completes the request (also when its
+/// future is dropped half-way), which may finish a drain.
+struct InFlight<'a> {
+    volume: &'a Volume,
+    id: RequestId,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let effects = self.volume.gate.lock().gate.complete(self.id);
+        if !effects.is_empty() {
+            // A quiesce answer became available (the gate recorded it): wake its waiters.
+            self.volume.gate_changed.notify_waiters();
+        }
+    }
+}
+
 /// A virtual volume served by this node.
 pub struct Volume {
     name: String,
-    /// The active map (seed 004 plane 221a). Requests pin it with `load_full`.
+    /// The active map (seed 004 plane 221a), mirrored from the gate for readers outside the
+    /// data path (size, generation, health, usage). Requests take their map from the gate.
     map: ArcSwap<ExtentMap>,
     /// Serialises `swap_map` calls (check-then-store).
     swap_lock: Mutex<()>,
+    /// The node I/O gate (seed 004 §7.1/§11.4, `engine::gate`): every request is admitted here.
+    gate: Mutex<GateCell>,
+    /// Signalled whenever the gate may have a new answer (a drain finished, a control call).
+    gate_changed: tokio::sync::Notify,
+    /// The gate's clock origin (monotonic).
+    epoch: Instant,
     areas: Arc<AreaRegistry>,
     health: ReplicaHealth,
     usage: UsageTracker,
@@ -123,10 +171,19 @@ impl Volume {
                 usage.set_priority(options.priority);
             }
         }
+        let name = name.into();
+        let gate = IoGate::new(name.clone(), Arc::clone(&map), DEFAULT_HOLD_TIMEOUT_MS);
         Ok(Volume {
-            name: name.into(),
+            name,
             map: ArcSwap::new(map),
             swap_lock: Mutex::new(()),
+            gate: Mutex::new(GateCell {
+                gate,
+                parked: HashMap::new(),
+                hold_timeout: DEFAULT_HOLD_TIMEOUT_MS,
+            }),
+            gate_changed: tokio::sync::Notify::new(),
+            epoch: Instant::now(),
             areas,
             health: ReplicaHealth::default(),
             usage,
@@ -153,13 +210,175 @@ impl Volume {
         self.map.load_full()
     }
 
-    /// Pins the map a request is translated with. **I/O gate seam** (ARCHITECTURE §4 "I/O gate",
-    /// seed 004 §7.1/§11.4): the gate of the hold issue goes here — check the hold flag of the
-    /// request's domains, park the request in arrival order while held (805), otherwise count it
-    /// in flight (in-process queue 252) until it completes, then load the map. Today nothing
-    /// holds, so a request pins whatever map is active when it starts and finishes on it.
-    fn pin(&self) -> Arc<ExtentMap> {
-        self.map.load_full()
+    /// Milliseconds on the gate's clock.
+    pub fn now_ms(&self) -> Millis {
+        self.epoch.elapsed().as_millis() as Millis
+    }
+
+    /// Admits a request through the I/O gate (seed 004 801–805', ARCHITECTURE §4 "I/O gate") and
+    /// pins the map it is translated with: at once when its extents are not held (an
+    /// uncontended lock and a counter), otherwise parked in arrival order until a Resume
+    /// dispatches it on the then-active map, or failed when the volume is fenced. The returned
+    /// guard keeps it counted in flight until the request ends.
+    async fn pin(&self, span: Span) -> Result<(Arc<ExtentMap>, InFlight<'_>), EngineError> {
+        let waiting = {
+            let mut cell = self.gate.lock();
+            match cell.gate.submit_span(span, self.now_ms()) {
+                Admission::Admitted { id, map } => {
+                    return Ok((map, InFlight { volume: self, id }));
+                }
+                Admission::Refused(refusal) => return Err(fenced(&self.name, refusal)),
+                Admission::Parked { id } => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    cell.parked.insert(id, tx);
+                    (id, rx)
+                }
+            }
+        };
+        let (id, rx) = waiting;
+        match rx.await {
+            Ok(Ok(map)) => Ok((map, InFlight { volume: self, id })),
+            Ok(Err(refusal)) => Err(fenced(&self.name, refusal)),
+            Err(_) => Err(EngineError::Fenced {
+                volume: self.name.clone(),
+                reason: "the gate was replaced while the request was parked".into(),
+            }),
+        }
+    }
+
+    /// The span of a byte request, for admission; `None` when the range overflows.
+    fn span_of(&self, offset: u64, length: u64) -> Result<Span, EngineError> {
+        if !offset.is_multiple_of(SECTOR_SIZE) || !length.is_multiple_of(SECTOR_SIZE) {
+            return Err(EngineError::Unaligned { offset, length });
+        }
+        let range = ByteRange::new(offset, length).map_err(|_| EngineError::OutOfRange {
+            offset,
+            length,
+            size_bytes: self.size(),
+        })?;
+        Ok(Span::of_bytes(range, self.map.load().extent_size()))
+    }
+
+    /// Runs a control call on the gate and carries out its data-path effects: dispatched
+    /// requests are woken with their map, failed ones with the fence refusal, and the mirrored
+    /// active map follows the gate (usage and dirty bitmaps grown first, released extents
+    /// unmarked). The other effects (answers, hold records, timeouts) are returned.
+    pub fn gate_control(&self, f: impl FnOnce(&mut IoGate, Millis) -> Vec<Effect>) -> Vec<Effect> {
+        let now = self.now_ms();
+        let mut out = Vec::new();
+        {
+            let mut cell = self.gate.lock();
+            let effects = f(&mut cell.gate, now);
+            let mut abandoned = Vec::new();
+            for effect in effects {
+                match effect {
+                    Effect::Dispatch { id, map } => {
+                        let delivered = cell
+                            .parked
+                            .remove(&id)
+                            .is_some_and(|tx| tx.send(Ok(map)).is_ok());
+                        // Its future was dropped while parked: it is in flight for the gate
+                        // now, so complete it at once.
+                        if !delivered {
+                            abandoned.push(id);
+                        }
+                    }
+                    Effect::Fail { id, cause } => {
+                        if let Some(tx) = cell.parked.remove(&id) {
+                            let _ = tx.send(Err(cause));
+                        }
+                    }
+                    other => out.push(other),
+                }
+            }
+            for id in abandoned {
+                out.extend(cell.gate.complete(id));
+            }
+            self.follow_gate(&cell.gate);
+        }
+        self.gate_changed.notify_waiters();
+        out
+    }
+
+    /// Mirrors the gate's active map into `self.map` (under the gate lock).
+    fn follow_gate(&self, gate: &IoGate) {
+        let current = self.map.load_full();
+        let active = gate.active();
+        if Arc::ptr_eq(&current, active) {
+            return;
+        }
+        self.usage.grow(active.extent_count());
+        self.dirty.grow(active.extent_count());
+        self.map.store(Arc::clone(active));
+        if let Ok(changes) = diff(&current, active) {
+            let extent_size = active.extent_size();
+            for change in changes.changes() {
+                if matches!(change.new, Placement::Hole) && change.old.is_mapped() {
+                    self.usage.mark_unused(extent_span(
+                        extent_size,
+                        change.range.offset(),
+                        change.range.end(),
+                    ));
+                }
+            }
+        }
+        tracing::debug!(volume = %self.name, from = %current.generation(),
+            to = %active.generation(), "active mapping changed by the gate");
+    }
+
+    /// `StageMapping`: checks that the engine can serve `map` (extent count, every area
+    /// registered) and stages it in the gate. Returns the gate's effects (its answer).
+    pub fn stage(&self, op: OpRef, map: Arc<ExtentMap>) -> Result<Vec<Effect>, EngineError> {
+        check_extent_count(&map)?;
+        check_areas(&map, &self.areas)?;
+        let volume = self.name.clone();
+        Ok(self.gate_control(|gate, _| gate.stage(&volume, op, map)))
+    }
+
+    /// Waits until `poll` (run on the gate) yields effects: used by Quiesce, whose answer comes
+    /// from the request completion that drains the hold. `poll` must not change the gate when it
+    /// has nothing to say (a repeated Quiesce while draining does not).
+    pub async fn gate_wait(&self, mut poll: impl FnMut(&mut IoGate, Millis) -> Vec<Effect>) -> Vec<Effect> {
+        loop {
+            let notified = self.gate_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let effects = self.gate_control(&mut poll);
+            if !effects.is_empty() {
+                return effects;
+            }
+            notified.await;
+        }
+    }
+
+    /// The gate's hold record, while a hold is set (what the mapping cache keeps).
+    pub fn hold_record(&self) -> Option<HoldRecord> {
+        self.gate.lock().gate.hold_record()
+    }
+
+    /// A node plugin restarted inside a hold: the gate comes back held from `record` (seed 004
+    /// §11.4, AS-18) and never resumes by itself. Returns the gate's effects (`AskOperator`).
+    pub fn restore_hold(&self, record: HoldRecord) -> Result<Vec<Effect>, EngineError> {
+        for map in [Some(&record.active), record.previous.as_ref(), record.staged.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            check_extent_count(map)?;
+            check_areas(map, &self.areas)?;
+        }
+        let hold_timeout = self.gate.lock().hold_timeout;
+        Ok(self.gate_control(|gate, now| {
+            let (restored, effects) = IoGate::restore(record, hold_timeout, now);
+            *gate = restored;
+            effects
+        }))
+    }
+
+    /// Sets the hold timer 215 of the volume's gate.
+    pub fn set_hold_timeout(&self, ms: Millis) {
+        let mut cell = self.gate.lock();
+        cell.hold_timeout = ms;
+        cell.gate.set_hold_timeout(ms);
     }
 
     /// Replaces the active map (seed 004 "Commit": 706–708). Only a newer generation of the same
@@ -196,23 +415,12 @@ impl Volume {
         }
         check_extent_count(&new)?;
         check_areas(&new, &self.areas)?;
-        let released = diff(&current, &new)?;
-        // Grow before publishing, so a request pinning the new map finds its bits.
-        self.usage.grow(new.extent_count());
-        self.dirty.grow(new.extent_count());
-        self.map.store(Arc::clone(&new));
-        let extent_size = new.extent_size();
-        for change in released.changes() {
-            if matches!(change.new, Placement::Hole) && change.old.is_mapped() {
-                self.usage.mark_unused(extent_span(
-                    extent_size,
-                    change.range.offset(),
-                    change.range.end(),
-                ));
-            }
-        }
-        tracing::debug!(volume = %self.name, from = %current.generation(),
-            to = %new.generation(), "mapping swapped");
+        diff(&current, &new)?;
+        // Through the gate: refused while a remap holds the volume (the remap owns the map);
+        // `follow_gate` grows the bitmaps before the new map is published to readers.
+        let mut cell = self.gate.lock();
+        cell.gate.apply_growth(Arc::clone(&new))?;
+        self.follow_gate(&cell.gate);
         Ok(())
     }
 
@@ -240,7 +448,7 @@ impl Volume {
     /// Reads `length` bytes at `offset`. Holes read as zeros. Each piece is read from its first
     /// healthy replica, falling back to the next on an error.
     pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes, EngineError> {
-        let map = self.pin();
+        let (map, _in_flight) = self.pin(self.span_of(offset, length)?).await?;
         let range = self.request_range(&map, offset, length)?;
         if range.is_empty() {
             return Ok(Bytes::new());
@@ -310,7 +518,7 @@ impl Volume {
     /// when this returns. A write touching a hole fails with [`EngineError::NeedsAllocation`]
     /// before anything is written.
     pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), EngineError> {
-        let map = self.pin();
+        let (map, _in_flight) = self.pin(self.span_of(offset, data.len() as u64)?).await?;
         let range = self.request_range(&map, offset, data.len() as u64)?;
         if range.is_empty() {
             return Ok(());
@@ -363,7 +571,7 @@ impl Volume {
         length: u64,
         mutation: Mutation,
     ) -> Result<(), EngineError> {
-        let map = self.pin();
+        let (map, _in_flight) = self.pin(self.span_of(offset, length)?).await?;
         let range = self.request_range(&map, offset, length)?;
         if range.is_empty() {
             return Ok(());
@@ -461,7 +669,8 @@ impl Volume {
     /// active map's areas. A failing area is marked unhealthy when every mapped run on it has
     /// another healthy replica that flushed; otherwise the flush fails (EIO).
     pub async fn flush(&self) -> Result<(), EngineError> {
-        let map = self.pin();
+        // A whole-volume span: any hold parks it (docs/remap.md "Flush is a whole-volume span").
+        let (map, _in_flight) = self.pin(Span::WholeVolume).await?;
         let generation = map.generation();
         let mut areas: Vec<&AreaId> = map
             .runs()

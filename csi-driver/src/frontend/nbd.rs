@@ -40,12 +40,14 @@ pub fn export_error(e: EngineError) -> ExportError {
         EngineError::Io { .. }
         | EngineError::AllReplicasFailed { .. }
         | EngineError::StaleGeneration { .. }
-        | EngineError::UnknownArea { .. } => ExportError::Io(e.to_string()),
+        | EngineError::UnknownArea { .. }
+        | EngineError::Fenced { .. } => ExportError::Io(e.to_string()),
         EngineError::Map(_) => ExportError::Invalid(e.to_string()),
         // Not request errors (map management); reported as I/O errors should they ever surface.
         EngineError::GenerationNotNewer { .. }
         | EngineError::IncompatibleMap { .. }
-        | EngineError::TooManyExtents { .. } => ExportError::Io(e.to_string()),
+        | EngineError::TooManyExtents { .. }
+        | EngineError::Gate(_) => ExportError::Io(e.to_string()),
     }
 }
 

@@ -24,8 +24,9 @@
 //! volume's mapping at the next generation, then the volume's `spec.sizeBytes` is raised
 //! (docs/decisions.md D-33).
 //!
-//! Attached victims are skipped until the remap protocol (ARCHITECTURE §6) can quiesce them: a
-//! `VictimSkipped` Warning event says so. One reclaim runs per pool at a time (the patent's idle
+//! Attached victims give their ranges back through a quiesced remap (the coordinator,
+//! `controllers/coordinator.rs`); only an operator without a node-control token skips them, with
+//! a `VictimSkipped` Warning event. One reclaim runs per pool at a time (the patent's idle
 //! loop handles one allocation command at a time, Fig. 5); while it runs, other claims of the
 //! pool only allocate directly from space the reclaiming claim does not need.
 
@@ -658,10 +659,14 @@ async fn allocate(claim: &StorageClaim, ctx: &Context) -> Result<Action> {
     )?;
     let earmark = earmarked(ctx, &view, &book.reclaims(pool_name), &key);
     let candidates = view.victim_candidates(&stores.classes);
+    // Attached victims give their ranges back through the remap coordinator's quiesced
+    // release (controllers/coordinator.rs); only an operator that cannot reach the nodes (no
+    // node-control token) has to skip them.
+    let quiesce_unavailable = ctx.node_control.available().err();
     let attached: BTreeSet<String> = view
         .volumes
         .iter()
-        .filter(|v| v.attached())
+        .filter(|v| quiesce_unavailable.is_some() && v.attached())
         .map(|v| v.name.clone())
         .collect();
     // Volumes only this process knows about cannot be asked for anything yet.
@@ -1070,7 +1075,7 @@ async fn warn_skipped(claim: &StorageClaim, ctx: &Context, view: &PoolView, skip
             format!(
                 "volume {name} would be asked for space but is attached to {nodes}; releasing \
                  ranges of an attached volume needs the cluster-wide quiesce of the remap \
-                 protocol (ARCHITECTURE §6), which is not available yet, so it is skipped"
+                 protocol, and this operator has no node-control token, so it is skipped"
             ),
             Some(reference(volume.as_ref())),
         )
@@ -1095,7 +1100,7 @@ fn rejection_message(
         .collect();
     if !attached_with_space.is_empty() {
         message.push_str(&format!(
-            "; not counted because they are attached and cannot be quiesced yet: {}",
+            "; not counted because they are attached and cannot be quiesced (no node-control token): {}",
             attached_with_space.join(", ")
         ));
     }

@@ -19,7 +19,9 @@ pub mod allocator;
 pub mod area;
 pub mod claim;
 pub mod class;
+pub mod coordinator;
 pub mod informer;
+pub mod node_control;
 pub mod pool;
 pub mod remap;
 pub mod support;
@@ -82,6 +84,13 @@ pub struct Config {
     pub claim_concurrency: u16,
     /// Test hook: stop the whole operator abruptly, like a `kill -9`, right after this step.
     pub crash_at: Option<CrashPoint>,
+    /// Namespace of the node Leases `tessera-node-<node>` that name each node's node-control
+    /// endpoint (the node agents' `--namespace`).
+    pub node_namespace: String,
+    /// The shared node-control token. Without it remaps of attached volumes are refused.
+    pub node_token: Option<String>,
+    /// Replaces the gRPC node-control client (tests, in-memory fakes).
+    pub node_control: Option<Arc<dyn node_control::NodeControl>>,
 }
 
 impl Config {
@@ -96,6 +105,9 @@ impl Config {
             aggregate_debounce: Duration::from_millis(500),
             claim_concurrency: 64,
             crash_at: None,
+            node_namespace: "default".into(),
+            node_token: None,
+            node_control: None,
         }
     }
 }
@@ -236,7 +248,7 @@ impl Stores {
     }
 
     /// The single waiter on every store's first list; sets `synced` when all are listed.
-    async fn wait_for_lists(&self, synced: watch::Sender<bool>) -> Result<()> {
+    async fn wait_for_lists(&self, synced: watch::Sender<bool>, allocator: &Allocator) -> Result<()> {
         let not = |kind| move |_| Error::NotSynced(kind);
         self.pools.wait_until_ready().await.map_err(not("pool"))?;
         self.areas.wait_until_ready().await.map_err(not("area"))?;
@@ -250,6 +262,9 @@ impl Stores {
             .await
             .map_err(not("volume"))?;
         self.remaps.wait_until_ready().await.map_err(not("remap"))?;
+        // A new leader re-reserves the destinations of moves in flight before anything
+        // allocates (the reconciles all wait for `synced`).
+        coordinator::restore_reservations(self, &mut *allocator.lock().await);
         synced.send_replace(true);
         Ok(())
     }
@@ -274,6 +289,8 @@ pub struct Context {
     pub stores: Stores,
     /// Serializes every change of extent ownership (see [`Allocator`]).
     pub allocator: Allocator,
+    /// The remap coordinator's calls to node plugins.
+    pub node_control: Arc<dyn node_control::NodeControl>,
     crash: Arc<watch::Sender<Option<CrashPoint>>>,
     crashed: AtomicBool,
     /// The last undecodable usage report per volume, so its Warning event is sent once.
@@ -470,7 +487,16 @@ async fn run_controllers(
             instance: Some(config.leader.identity.clone()),
         },
     );
+    let node_control: Arc<dyn node_control::NodeControl> = match &config.node_control {
+        Some(control) => Arc::clone(control),
+        None => Arc::new(node_control::TonicNodeControl::new(
+            client.clone(),
+            config.node_namespace.clone(),
+            config.node_token.clone(),
+        )),
+    };
     let ctx = Arc::new(Context {
+        node_control,
         client,
         recorder,
         metrics,
@@ -483,8 +509,9 @@ async fn run_controllers(
     });
     let synced = {
         let health = Arc::clone(&health);
+        let ctx = Arc::clone(&ctx);
         async move {
-            if stores.wait_for_lists(synced_tx).await.is_ok() {
+            if stores.wait_for_lists(synced_tx, &ctx.allocator).await.is_ok() {
                 health.set_synced(true);
             }
         }

@@ -32,7 +32,8 @@ use tessera_api::v1alpha1::{
 
 use super::support::{claim_reference_from_labels, human_bytes, now, patch_status, reference};
 use super::usage::{UsageReport, extent_states};
-use super::view::{attached_nodes, extent_size, is_attached};
+use super::view::{extent_size, is_attached};
+use super::coordinator::{self, STATE_ANNOTATION};
 use super::{Config, Context, CrashPoint, Error, Informers, Result};
 use crate::planners::allocation::recheck_under_hold;
 use crate::planners::{ExtentRange, total_len};
@@ -71,21 +72,30 @@ fn tier_name(tier: ReclaimTier) -> &'static str {
 pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile_timer(NAME);
     ctx.stores.ready().await?;
-    let Some(release) = remap
+    if super::claim::is_final(&remap) {
+        return Ok(Action::await_change());
+    }
+    let volumes: Api<VirtualVolume> = Api::all(ctx.client.clone());
+    // Moves, and releases of volumes a node uses, need the quiesce: the coordinator's. So does
+    // a release the coordinator already started (it owns it to the end).
+    let release = remap
         .spec
         .operation
         .release_ranges
         .clone()
-        .filter(|_| remap.spec.operation.type_ == RemapOperationType::ReleaseRanges)
-    else {
-        // Move and EvacuateArea belong to the remap coordinator.
-        return Ok(Action::await_change());
+        .filter(|_| remap.spec.operation.type_ == RemapOperationType::ReleaseRanges);
+    let started = remap.annotations().contains_key(STATE_ANNOTATION);
+    let Some(release) = release.filter(|_| !started) else {
+        return coordinator::reconcile(remap, ctx).await;
     };
-    if super::claim::is_final(&remap) {
-        return Ok(Action::await_change());
+    if volumes
+        .get_opt(&remap.spec.volume_name)
+        .await?
+        .is_some_and(|v| is_attached(&v))
+    {
+        return coordinator::reconcile(remap, ctx).await;
     }
     let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
-    let volumes: Api<VirtualVolume> = Api::all(ctx.client.clone());
     let name = remap.name_any();
     let from_reclaim = claim_reference_from_labels(remap.as_ref());
 
@@ -100,35 +110,8 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
         .await;
     };
     if is_attached(&volume) {
-        let nodes = attached_nodes(&volume).join(", ");
-        let message = format!(
-            "volume {} is attached to {nodes}; releasing ranges of an attached volume needs the \
-             quiesce of the remap protocol (ARCHITECTURE §6), which is not available yet",
-            volume.name_any()
-        );
-        if let Some(claim) = &from_reclaim {
-            ctx.publish(
-                claim,
-                EventType::Warning,
-                "VictimSkipped",
-                "Reclaim",
-                message.clone(),
-                Some(reference(&volume)),
-            )
-            .await;
-            return fail(&ctx, &remap, message).await;
-        }
-        let waiting = format!("waiting for the remap coordinator: {message}");
-        if remap.status.as_ref().and_then(|s| s.message.as_deref()) != Some(waiting.as_str()) {
-            patch_status(
-                &remaps,
-                &name,
-                json!({ "phase": RemapPhase::Pending, "message": waiting }),
-                None,
-            )
-            .await?;
-        }
-        return Ok(Action::await_change());
+        // Attached since the check above: the coordinator takes it on the next reconcile.
+        return Ok(Action::requeue(std::time::Duration::from_millis(10)));
     }
     let Some(pool) = ctx
         .stores

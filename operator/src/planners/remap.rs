@@ -34,7 +34,7 @@ pub const MSG_CHANGE_FAILED: &str = "Change to the mapping specified by the admi
 pub const MSG_RECOVERY_FAILED: &str = "Change to the mapping specified by the administrator failed, and recovery processing also failed.";
 
 /// The failure policy (seed 004 §6; `VolumeRemap.spec.policy`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Policy {
     /// 608: continue without the failed nodes only if at least this many succeeded ([0046]: 2).
     pub min_succeeded_to_continue: u32,
@@ -75,7 +75,7 @@ impl From<&tessera_api::v1alpha1::RemapPolicy> for Policy {
 }
 
 /// The node-control messages the coordinator sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum NodeStep {
     Stage,
     Quiesce,
@@ -203,7 +203,7 @@ pub enum Command {
 }
 
 /// Why a participant failed a step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Failure {
     Timeout,
     Error(String),
@@ -219,7 +219,7 @@ impl fmt::Display for Failure {
 }
 
 /// Where one participant is in the current phase.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Wait {
     /// Waiting for its answer to this step.
     Pending(NodeStep),
@@ -227,7 +227,7 @@ pub enum Wait {
     Failed(Failure),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Participant {
     /// Last step the node completed (for status).
     pub last_done: Option<NodeStep>,
@@ -238,7 +238,7 @@ pub struct Participant {
 }
 
 /// Why the hold is being released.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ResumeReason {
     /// 605: after every participant committed.
     Normal { more_cycles: bool },
@@ -249,7 +249,7 @@ pub enum ResumeReason {
 }
 
 /// The persisted state of one VolumeRemap (its status).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RemapState {
     pub operation_id: String,
     pub phase: RemapPhase,
