@@ -10,18 +10,26 @@
 //! - **MountInquiry**: the agent's records and the mount table (seed 003 mount check).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use tessera_api::model::{ExtentMap, ExtentSize, Generation, ReplicaLocation, Run};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Api, Resource};
+use tessera_api::model::{ByteRange, ExtentMap, ExtentSize, Generation, ReplicaLocation, Run};
+use tessera_api::v1alpha1::{AttachmentState, VirtualVolume};
 use tessera_proto::node_control::v1::node_control_server::{NodeControl, NodeControlServer};
 use tessera_proto::node_control::v1::{
-    ApplyMappingRequest, ApplyMappingResponse, Mapping, MountInquiryRequest, MountInquiryResponse,
-    ReportUsageRequest, ReportUsageResponse,
+    ApplyMappingRequest, ApplyMappingResponse, CopyExtentsRequest, CopyExtentsResponse,
+    GateStateResponse, GetGateStateRequest, HoldScope as WireHoldScope, Mapping,
+    MountInquiryRequest, MountInquiryResponse, OperationRef, QuiesceRequest, RemapStepRequest,
+    RemapStepResponse, ReportUsageRequest, ReportUsageResponse, StageMappingRequest,
 };
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
-use super::{Agent, AgentError, status};
+use super::{Agent, AgentError, cache, status};
+use crate::engine::gate::{Answer as GateAnswer, Effect, GateState, HoldScope, OpRef, Reply, Span};
+use crate::engine::{EngineError, Volume};
 
 /// `(volume, operation_id, attempt)` of an ApplyMapping.
 pub(crate) type AnswerKey = (String, String, u32);
@@ -217,67 +225,455 @@ impl NodeControl for Service {
         }))
     }
 
-    // The remap steps (seed 004) are wired to the engine's I/O gate by the remap issue; until
-    // then they are refused explicitly rather than pretended.
     async fn stage_mapping(
         &self,
-        _: Request<tessera_proto::node_control::v1::StageMappingRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<StageMappingRequest>,
+    ) -> Result<Response<RemapStepResponse>, Status> {
+        let request = request.into_inner();
+        let (volume_id, op) = op_ref(request.operation)?;
+        let mapping = request
+            .mapping
+            .ok_or_else(|| Status::invalid_argument("mapping is required"))?;
+        let map =
+            to_model(&mapping).map_err(|e| Status::invalid_argument(format!("mapping: {e}")))?;
+        let map = Arc::new(map);
+        // Remote areas of the staged map are connected now, outside any hold (531: staging has
+        // no I/O impact, so the hold later covers only the pointer swap).
+        let volume = {
+            let mut registry = self.agent.staged.lock().await;
+            let remote = self
+                .agent
+                .ensure_remote_areas(&registry, &volume_id, &map)
+                .await
+                .map_err(|e| control_status(&e))?;
+            let entry = registry
+                .volumes
+                .get_mut(&volume_id)
+                .ok_or_else(|| control_status(&AgentError::NotStaged(volume_id.clone())))?;
+            entry.remote_areas.extend(remote);
+            Arc::clone(&entry.volume)
+        };
+        let effects = volume
+            .stage(op, map)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        self.finish_step(&volume, effects).await
     }
 
     async fn quiesce(
         &self,
-        _: Request<tessera_proto::node_control::v1::QuiesceRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<QuiesceRequest>,
+    ) -> Result<Response<RemapStepResponse>, Status> {
+        let request = request.into_inner();
+        let (volume_id, op) = op_ref(request.operation)?;
+        let volume = self.volume(&volume_id).await?;
+        let scope = hold_scope(request.scope.as_ref(), &volume)?;
+        let name = volume_id.clone();
+        let (first, rest) = {
+            let op = op.clone();
+            let scope = scope.clone();
+            let effects = volume.gate_control(|gate, _| gate.quiesce(&name, op, scope));
+            split_answer(effects)
+        };
+        // The hold record is on disk before anything is answered (§11.4).
+        self.carry_out(&volume, rest).await?;
+        if let Some(answer) = first {
+            return self.respond(&volume, answer);
+        }
+        // Draining: the completion that drains the hold records the answer; a repeated Quiesce
+        // for the same step replays it and otherwise changes nothing.
+        let effects = volume
+            .gate_wait(|gate, _| gate.quiesce(&name, op.clone(), scope.clone()))
+            .await;
+        let (answer, rest) = split_answer(effects);
+        self.carry_out(&volume, rest).await?;
+        match answer {
+            Some(answer) => self.respond(&volume, answer),
+            None => Err(Status::internal("the gate ended the quiesce without an answer")),
+        }
     }
 
     async fn commit(
         &self,
-        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<RemapStepRequest>,
+    ) -> Result<Response<RemapStepResponse>, Status> {
+        let (volume_id, op) = op_ref(request.into_inner().operation)?;
+        let volume = self.volume(&volume_id).await?;
+        let effects = volume.gate_control(|gate, _| gate.commit(&volume_id, op));
+        self.finish_step(&volume, effects).await
     }
 
     async fn rollback(
         &self,
-        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<RemapStepRequest>,
+    ) -> Result<Response<RemapStepResponse>, Status> {
+        let (volume_id, op) = op_ref(request.into_inner().operation)?;
+        let volume = self.volume(&volume_id).await?;
+        let effects = volume.gate_control(|gate, _| gate.rollback(&volume_id, op));
+        self.finish_step(&volume, effects).await
     }
 
     async fn resume(
         &self,
-        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<RemapStepRequest>,
+    ) -> Result<Response<RemapStepResponse>, Status> {
+        let (volume_id, op) = op_ref(request.into_inner().operation)?;
+        let volume = self.volume(&volume_id).await?;
+        let held_since = volume.held_for_ms();
+        let effects = volume.gate_control(|gate, _| gate.resume(&volume_id, op));
+        let response = self.finish_step(&volume, effects).await?;
+        if let Some(ms) = held_since {
+            tracing::info!(volume = %volume_id, hold_ms = ms, "hold released");
+        }
+        Ok(response)
     }
 
     async fn fence(
         &self,
-        _: Request<tessera_proto::node_control::v1::RemapStepRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::RemapStepResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<RemapStepRequest>,
+    ) -> Result<Response<RemapStepResponse>, Status> {
+        let (volume_id, op) = op_ref(request.into_inner().operation)?;
+        let volume = self.volume(&volume_id).await?;
+        let effects = volume.gate_control(|gate, _| gate.fence(&volume_id, op));
+        let fenced = effects.iter().any(|e| {
+            matches!(e, Effect::Answer(GateAnswer { result: Ok(Reply::Fenced), .. }))
+        });
+        let response = self.finish_step(&volume, effects).await?;
+        if fenced {
+            // Seed 004 611/617: the excluded node stops reaching peers' areas for this volume.
+            // Its connections to areas no other staged volume uses are closed; the lenders'
+            // grants are revoked by the operator (the volume's access nodes).
+            let mut registry = self.agent.staged.lock().await;
+            let areas = registry
+                .volumes
+                .get_mut(&volume_id)
+                .map(|entry| std::mem::take(&mut entry.remote_areas))
+                .unwrap_or_default();
+            self.agent.release_remote_areas(&registry, &areas).await;
+            tracing::warn!(volume = %volume_id, ?areas, "fenced: I/O refused, remote areas closed");
+        }
+        Ok(response)
     }
 
     async fn copy_extents(
         &self,
-        _: Request<tessera_proto::node_control::v1::CopyExtentsRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::CopyExtentsResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<CopyExtentsRequest>,
+    ) -> Result<Response<CopyExtentsResponse>, Status> {
+        let request = request.into_inner();
+        let (volume_id, op) = op_ref(request.operation)?;
+        let volume = self.volume(&volume_id).await?;
+        let (offset, length) = match (u64::try_from(request.offset), u64::try_from(request.length))
+        {
+            (Ok(o), Ok(l)) => (o, l),
+            _ => return Err(Status::invalid_argument("offset and length must not be negative")),
+        };
+        if request.destination.is_empty() {
+            return Err(Status::invalid_argument("destination is required"));
+        }
+        let destination = request
+            .destination
+            .iter()
+            .map(|r| {
+                u64::try_from(r.area_offset)
+                    .map(|o| ReplicaLocation::new(r.area.as_str(), o))
+                    .map_err(|_| Status::invalid_argument("destination areaOffset is negative"))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        // The operator sequences the copy inside the hold of this operation: a copy of a range
+        // writes may still reach would copy a moving target.
+        match volume.hold_state() {
+            (GateState::Held, Some(hold)) if hold.operation_id == op.operation_id => {}
+            (state, hold) => {
+                return Err(Status::failed_precondition(format!(
+                    "copy needs the volume held and drained for operation {} (state {state:?}, \
+                     hold {:?})",
+                    op.operation_id,
+                    hold.map(|h| h.operation_id)
+                )));
+            }
+        }
+        let copied = volume
+            .copy_range(offset, length, &destination, op.generation, COPY_CHUNK)
+            .await
+            .map_err(|e| match e {
+                EngineError::UnknownArea { .. } => Status::failed_precondition(format!(
+                    "{e} (destinations must be areas this node reaches)"
+                )),
+                EngineError::OutOfRange { .. } | EngineError::Unaligned { .. } => {
+                    Status::invalid_argument(e.to_string())
+                }
+                _ => Status::internal(e.to_string()),
+            })?;
+        tracing::info!(volume = %volume_id, offset, length, copied, "extents copied");
+        Ok(Response::new(CopyExtentsResponse {
+            bytes_copied: copied,
+        }))
     }
 
     async fn get_gate_state(
         &self,
-        _: Request<tessera_proto::node_control::v1::GetGateStateRequest>,
-    ) -> Result<Response<tessera_proto::node_control::v1::GateStateResponse>, Status> {
-        Err(remap_not_wired())
+        request: Request<GetGateStateRequest>,
+    ) -> Result<Response<GateStateResponse>, Status> {
+        let volume_id = request.into_inner().volume;
+        if volume_id.is_empty() {
+            return Err(Status::invalid_argument("volume is required"));
+        }
+        let volume = self.volume(&volume_id).await?;
+        let view = volume.gate_view();
+        Ok(Response::new(GateStateResponse {
+            state: state_name(view.state).into(),
+            active_generation: view.active.get() as i64,
+            staged_generation: view.staged.map_or(0, |g| g.get() as i64),
+            operation_id: view.operation_id.unwrap_or_default(),
+            attempt: view.attempt,
+        }))
     }
 }
 
-fn remap_not_wired() -> Status {
-    Status::unimplemented("the remap steps are not wired to the I/O gate yet (docs/remap.md)")
+/// Bytes per COPY I/O of CopyExtents.
+const COPY_CHUNK: u64 = 1 << 20;
+
+/// How often the hold timers of staged volumes are checked.
+const HOLD_TICK: Duration = Duration::from_millis(250);
+
+fn state_name(state: GateState) -> &'static str {
+    match state {
+        GateState::Running => "Running",
+        GateState::Draining => "Draining",
+        GateState::Held => "Held",
+        GateState::Fenced => "Fenced",
+    }
+}
+
+/// The volume and gate reference of a remap message.
+#[allow(clippy::result_large_err)]
+fn op_ref(operation: Option<OperationRef>) -> Result<(String, OpRef), Status> {
+    let operation = operation.ok_or_else(|| Status::invalid_argument("operation is required"))?;
+    if operation.volume.is_empty() {
+        return Err(Status::invalid_argument("operation.volume is required"));
+    }
+    if operation.operation_id.is_empty() {
+        return Err(Status::invalid_argument("operation.operationId is required"));
+    }
+    let generation = u64::try_from(operation.generation)
+        .map_err(|_| Status::invalid_argument("operation.generation is negative"))?;
+    Ok((
+        operation.volume,
+        OpRef::new(operation.operation_id, operation.attempt, Generation(generation)),
+    ))
+}
+
+/// The hold scope of a Quiesce: empty = the whole volume; byte ranges widened to whole extents.
+#[allow(clippy::result_large_err)]
+fn hold_scope(scope: Option<&WireHoldScope>, volume: &Volume) -> Result<HoldScope, Status> {
+    let ranges = scope.map(|s| s.ranges.as_slice()).unwrap_or_default();
+    if ranges.is_empty() {
+        return Ok(HoldScope::WholeVolume);
+    }
+    let extent_size = volume.map().extent_size();
+    let mut extents = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        let range = match (u64::try_from(r.offset), u64::try_from(r.length)) {
+            (Ok(o), Ok(l)) => ByteRange::new(o, l).map_err(|e| Status::invalid_argument(e.to_string()))?,
+            _ => return Err(Status::invalid_argument("scope ranges must not be negative")),
+        };
+        if let Span::Extents(e) = Span::of_bytes(range, extent_size) {
+            extents.push(e);
+        }
+    }
+    Ok(HoldScope::extents(extents))
+}
+
+/// The gate's answer among `effects`, and the rest.
+fn split_answer(effects: Vec<Effect>) -> (Option<GateAnswer>, Vec<Effect>) {
+    let mut answer = None;
+    let mut rest = Vec::new();
+    for effect in effects {
+        match effect {
+            Effect::Answer(a) if answer.is_none() => answer = Some(a),
+            other => rest.push(other),
+        }
+    }
+    (answer, rest)
+}
+
+impl Service {
+    #[allow(clippy::result_large_err)]
+    async fn volume(&self, volume_id: &str) -> Result<Arc<Volume>, Status> {
+        let registry = self.agent.staged.lock().await;
+        registry
+            .volumes
+            .get(volume_id)
+            .map(|v| Arc::clone(&v.volume))
+            .ok_or_else(|| control_status(&AgentError::NotStaged(volume_id.into())))
+    }
+
+    /// Carries out a control call's effects and answers it.
+    async fn finish_step(
+        &self,
+        volume: &Volume,
+        effects: Vec<Effect>,
+    ) -> Result<Response<RemapStepResponse>, Status> {
+        let (answer, rest) = split_answer(effects);
+        self.carry_out(volume, rest).await?;
+        match answer {
+            Some(answer) => self.respond(volume, answer),
+            None => Err(Status::internal("the gate gave no answer")),
+        }
+    }
+
+    /// Persists the hold record (or its removal) before the answer goes out, and records the
+    /// gate's state in the volume's attachment (in the background: the API must not lengthen
+    /// the hold).
+    #[allow(clippy::result_large_err)]
+    async fn carry_out(&self, volume: &Volume, effects: Vec<Effect>) -> Result<(), Status> {
+        let persist = effects
+            .iter()
+            .any(|e| matches!(e, Effect::PersistHold(_) | Effect::ClearHold));
+        for effect in &effects {
+            if let Effect::HoldTimeout { op, held_since } = effect {
+                tracing::warn!(volume = %volume.name(), operation = %op.operation_id,
+                    held_since, "hold timeout");
+            }
+        }
+        if persist {
+            persist_hold(&self.agent, volume.name())
+                .await
+                .map_err(|e| Status::internal(format!("persisting the hold record: {e}")))?;
+            spawn_attachment_update(Arc::clone(&self.agent), volume.name().to_string());
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::result_large_err)]
+    fn respond(&self, volume: &Volume, answer: GateAnswer) -> Result<Response<RemapStepResponse>, Status> {
+        let reply = answer
+            .result
+            .map_err(|refusal| Status::failed_precondition(refusal.to_string()))?;
+        let view = volume.gate_view();
+        let redispatched = match reply {
+            Reply::Resumed { redispatched, .. } => redispatched as u64,
+            _ => 0,
+        };
+        Ok(Response::new(RemapStepResponse {
+            state: state_name(view.state).into(),
+            active_generation: view.active.get() as i64,
+            redispatched,
+            hold_ms: volume.held_for_ms().unwrap_or(0),
+        }))
+    }
+}
+
+/// Rewrites the volume's mapping cache entry (it carries the gate's hold record).
+pub(crate) async fn persist_hold(agent: &Agent, volume_id: &str) -> Result<(), AgentError> {
+    let registry = agent.staged.lock().await;
+    let entry = registry
+        .volumes
+        .get(volume_id)
+        .ok_or_else(|| AgentError::NotStaged(volume_id.into()))?;
+    cache::store(&agent.config.state_dir, &entry.cached()?)
+}
+
+/// Records the gate's current state in `status.attachments` (Held while held, Fenced once
+/// excluded, Running otherwise); reads the state when it runs, so racing updates converge.
+pub(crate) fn spawn_attachment_update(agent: Arc<Agent>, volume_id: String) {
+    tokio::spawn(async move {
+        let view = {
+            let registry = agent.staged.lock().await;
+            match registry.volumes.get(&volume_id) {
+                Some(entry) => entry.volume.gate_view(),
+                None => return,
+            }
+        };
+        let state = match view.state {
+            GateState::Running => AttachmentState::Running,
+            GateState::Draining | GateState::Held => AttachmentState::Held,
+            GateState::Fenced => AttachmentState::Fenced,
+        };
+        if let Err(error) = status::set_attachment_state(
+            &agent,
+            &volume_id,
+            Some(view.active.get() as i64),
+            state,
+        )
+        .await
+        {
+            tracing::warn!(volume = %volume_id, %error, "attachment state not recorded");
+        }
+    });
+}
+
+/// The hold timer 215 of every staged volume (seed 004 820 → 718): a HoldTimeout is logged and
+/// published as a Warning Event on the VirtualVolume. The gate keeps holding (§7.2).
+async fn hold_timer(agent: Arc<Agent>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(HOLD_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let recorder = Recorder::new(
+        agent.client.clone(),
+        Reporter {
+            controller: "tessera-csi-node".into(),
+            instance: Some(agent.config.node_id.clone()),
+        },
+    );
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stopped.changed() => return,
+        }
+        let volumes: Vec<Arc<Volume>> = {
+            let registry = agent.staged.lock().await;
+            registry.volumes.values().map(|v| Arc::clone(&v.volume)).collect()
+        };
+        for volume in volumes {
+            let effects = volume.gate_control(|gate, now| gate.tick(now));
+            for effect in effects {
+                if let Effect::HoldTimeout { op, held_since } = effect {
+                    let waited = volume.now_ms().saturating_sub(held_since);
+                    let note = format!(
+                        "node {}: I/O of volume {} held for operation {} (attempt {}, generation \
+                         {}) for {waited} ms, beyond the hold timeout; still held until the \
+                         operator resumes or fences",
+                        agent.config.node_id,
+                        volume.name(),
+                        op.operation_id,
+                        op.attempt,
+                        op.generation
+                    );
+                    tracing::warn!(volume = %volume.name(), operation = %op.operation_id,
+                        waited, "hold timeout");
+                    publish_warning(&agent, &recorder, volume.name(), "HoldTimeout", note).await;
+                }
+            }
+        }
+    }
+}
+
+/// A Warning Event regarding the VirtualVolume; failures are logged only.
+pub(crate) async fn publish_warning(
+    agent: &Agent,
+    recorder: &Recorder,
+    volume_id: &str,
+    reason: &str,
+    note: String,
+) {
+    let api: Api<VirtualVolume> = Api::all(agent.client.clone());
+    let object = match api.get_opt(volume_id).await {
+        Ok(Some(object)) => object,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(volume = volume_id, %error, "event not published");
+            return;
+        }
+    };
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Hold".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &object.object_ref(&())).await {
+        tracing::warn!(volume = volume_id, %error, "event not published");
+    }
 }
 
 /// The gRPC status of an agent error on the node-control side (the CSI side has its own in
@@ -292,6 +688,7 @@ pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let timer = tokio::spawn(hold_timer(Arc::clone(&agent), stopped.clone()));
     let auth = BearerAuth::new(agent.config.token.clone());
     let service = NodeControlServer::with_interceptor(Service { agent }, move |r| auth.check(r));
     let result = tonic::transport::Server::builder()
@@ -303,4 +700,5 @@ pub(crate) async fn serve(
     if let Err(error) = result {
         tracing::error!(%error, "node-control server failed");
     }
+    timer.abort();
 }

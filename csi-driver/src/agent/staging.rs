@@ -632,7 +632,13 @@ impl Agent {
         if let Err(e) = unmounted {
             errors.push(e);
         }
-        if let Err(source) = entry.volume.flush().await {
+        // Inside a remap hold a gated flush would park until the operator resumes.
+        let flushed = if entry.volume.hold_record().is_some() {
+            entry.volume.flush_ungated().await
+        } else {
+            entry.volume.flush().await
+        };
+        if let Err(source) = flushed {
             tracing::warn!(volume = %name, %source, "flush before detach failed");
         }
         if let Some(attachment) = entry.take_kernel() {
@@ -969,7 +975,8 @@ impl Agent {
 
     /// Brings the cached volumes back as NBD exports at the cached generation (their kernel
     /// devices died with the previous process).
-    pub(crate) async fn restore_from_cache(&self) {
+    pub(crate) async fn restore_from_cache(self: &Arc<Self>) {
+        let mut held_volumes = Vec::new();
         let mut registry = self.staged.lock().await;
         for cached in cache::load_all(&self.config.state_dir) {
             let id = cached.volume_id.clone();
@@ -980,10 +987,26 @@ impl Agent {
                         reason: e.to_string(),
                     }
                 })?;
-                let remote_areas = self.ensure_remote_areas(&registry, &id, &map).await?;
+                let map = Arc::new(map);
+                let hold = cached
+                    .hold
+                    .as_ref()
+                    .map(|h| h.to_record(&id, Arc::clone(&map)))
+                    .transpose()
+                    .map_err(|reason| AgentError::InvalidMapping {
+                        volume: id.clone(),
+                        reason,
+                    })?;
+                let mut remote_areas = self.ensure_remote_areas(&registry, &id, &map).await?;
+                // The hold's other maps (rollback target, staged) may name other remote areas.
+                if let Some(record) = &hold {
+                    for other in [&record.previous, &record.staged].into_iter().flatten() {
+                        remote_areas.extend(self.ensure_remote_areas(&registry, &id, other).await?);
+                    }
+                }
                 let volume = Volume::open(
                     id.clone(),
-                    Arc::new(map),
+                    Arc::clone(&map),
                     Arc::clone(&self.registry),
                     VolumeOptions::default(),
                 )
@@ -991,6 +1014,24 @@ impl Agent {
                     volume: id.clone(),
                     source,
                 })?;
+                if let Some(record) = hold {
+                    // Seed 004 §11.4, AS-18: back held, never resumed by this process; the
+                    // operator re-sends what it still wants (Commit, Rollback, Resume).
+                    let effects = volume.restore_hold(record).map_err(|source| {
+                        AgentError::Engine {
+                            volume: id.clone(),
+                            source,
+                        }
+                    })?;
+                    for effect in effects {
+                        if let crate::engine::gate::Effect::AskOperator { op } = effect {
+                            tracing::warn!(volume = %id, operation = %op.operation_id,
+                                attempt = op.attempt, generation = %op.generation,
+                                "restarted inside a hold: I/O stays held until the operator \
+                                 resumes, rolls back or fences");
+                        }
+                    }
+                }
                 let mut entry = StagedVolume {
                     volume: Arc::new(volume),
                     size_spec: cached.size_bytes,
@@ -1016,10 +1057,19 @@ impl Agent {
                 Ok(entry) => {
                     tracing::info!(volume = %id, generation = %entry.volume.generation(),
                         "volume restored from the mapping cache (NBD export only)");
-                    registry.volumes.insert(id, entry);
+                    let held = entry.volume.hold_record().is_some();
+                    registry.volumes.insert(id.clone(), entry);
+                    if held {
+                        held_volumes.push(id);
+                    }
                 }
                 Err(error) => tracing::warn!(volume = %id, %error, "cached volume not restored"),
             }
+        }
+        drop(registry);
+        // `status.attachments[].state: Held` tells the operator this node waits for it.
+        for id in held_volumes {
+            super::control::spawn_attachment_update(Arc::clone(self), id);
         }
     }
 

@@ -67,4 +67,6 @@ mod volume;
 pub use error::EngineError;
 pub use health::{HealthState, VolumeHealth};
 pub use usage::{ApplyOutcome, UsageDecodeError, UsageDelta, UsageMirror};
-pub use volume::{MAX_EXTENTS, UsageInit, Volume, VolumeOptions};
+pub use volume::{
+    DEFAULT_HOLD_TIMEOUT_MS, GateView, MAX_EXTENTS, UsageInit, Volume, VolumeOptions,
+};

@@ -13,13 +13,16 @@ use futures::future::join_all;
 use parking_lot::Mutex;
 use roaring::RoaringBitmap;
 use tessera_api::model::{
-    AreaId, ByteRange, ExtentMap, ExtentSize, Generation, Placement, SECTOR_SIZE, Segment, diff,
+    AreaId, ByteRange, ExtentMap, ExtentSize, Generation, Placement, ReplicaLocation, SECTOR_SIZE,
+    Segment, diff,
 };
 use tessera_api::v1alpha1::DataPriority;
 
 use super::dirty::DirtyTracker;
 use super::error::EngineError;
-use super::gate::{Admission, Effect, HoldRecord, IoGate, Millis, OpRef, Refusal, RequestId, Span};
+use super::gate::{
+    Admission, Effect, GateState, HoldRecord, IoGate, Millis, OpRef, Refusal, RequestId, Span,
+};
 use super::health::{ReplicaHealth, VolumeHealth};
 use super::usage::{UsageDelta, UsageTracker};
 use crate::backend::{AreaBackend, AreaRegistry, BackendError};
@@ -62,6 +65,18 @@ enum Mutation {
 
 /// Default hold timer 215 (`holdTimeoutMs` of the CRD).
 pub const DEFAULT_HOLD_TIMEOUT_MS: Millis = 30_000;
+
+/// A snapshot of a volume's I/O gate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateView {
+    pub state: GateState,
+    pub active: Generation,
+    pub staged: Option<Generation>,
+    pub operation_id: Option<String>,
+    pub attempt: u32,
+    pub in_flight: usize,
+    pub parked: usize,
+}
 
 /// What a parked request is woken with: the map to translate with, or the fence refusal.
 type Wakeup = tokio::sync::oneshot::Sender<Result<Arc<ExtentMap>, Refusal>>;
@@ -113,6 +128,8 @@ pub struct Volume {
     gate_changed: tokio::sync::Notify,
     /// The gate's clock origin (monotonic).
     epoch: Instant,
+    /// When the current hold was set (gate clock), for the hold window reported at resume.
+    hold_since: Mutex<Option<Millis>>,
     areas: Arc<AreaRegistry>,
     health: ReplicaHealth,
     usage: UsageTracker,
@@ -184,6 +201,7 @@ impl Volume {
             }),
             gate_changed: tokio::sync::Notify::new(),
             epoch: Instant::now(),
+            hold_since: Mutex::new(None),
             areas,
             health: ReplicaHealth::default(),
             usage,
@@ -295,6 +313,12 @@ impl Volume {
                 out.extend(cell.gate.complete(id));
             }
             self.follow_gate(&cell.gate);
+            let mut since = self.hold_since.lock();
+            match (cell.gate.state(), *since) {
+                (GateState::Running, _) => *since = None,
+                (_, None) => *since = Some(now),
+                _ => {}
+            }
         }
         self.gate_changed.notify_waiters();
         out
@@ -372,6 +396,114 @@ impl Volume {
             *gate = restored;
             effects
         }))
+    }
+
+    /// Copies `[offset, offset + length)` of the volume from the active map's replicas (first
+    /// healthy one per piece, as a read) to `destination` — the destination's location of
+    /// `offset`, the range laid out contiguously after it — in chunks of `chunk` bytes (seed 004
+    /// fourth embodiment, COPY I/O 904). Bypasses the gate: the caller holds the range (a request
+    /// admitted through the gate would park behind that very hold). Holes are written as zeros.
+    /// Returns the bytes copied (per destination).
+    pub async fn copy_range(
+        &self,
+        offset: u64,
+        length: u64,
+        destination: &[ReplicaLocation],
+        generation: Generation,
+        chunk: u64,
+    ) -> Result<u64, EngineError> {
+        let map = self.map.load_full();
+        let range = self.request_range(&map, offset, length)?;
+        let targets = destination
+            .iter()
+            .map(|d| Ok((self.backend(&d.area).map_err(|_| EngineError::UnknownArea {
+                area: d.area.clone(),
+            })?, d)))
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        let chunk = chunk.max(SECTOR_SIZE) / SECTOR_SIZE * SECTOR_SIZE;
+        let mut copied = 0;
+        while copied < range.length() {
+            let piece = ByteRange::new(offset + copied, chunk.min(range.length() - copied))?;
+            let source_generation = map.generation();
+            let segments: Vec<Segment<'_>> = map.translate(piece)?.collect();
+            let mut data = BytesMut::with_capacity(piece.length() as usize);
+            for segment in &segments {
+                data.extend_from_slice(&self.read_piece(source_generation, segment).await?);
+            }
+            let data = data.freeze();
+            let writes = join_all(targets.iter().map(|(backend, location)| {
+                let data = data.clone();
+                let area_offset = location.area_offset + copied;
+                async move {
+                    backend
+                        .write(generation, area_offset, data, false)
+                        .await
+                        .map_err(|e| match e {
+                            BackendError::Io(source) => EngineError::Io {
+                                area: location.area.clone(),
+                                source,
+                            },
+                            BackendError::StaleGeneration { sent, current } => {
+                                EngineError::StaleGeneration {
+                                    area: location.area.clone(),
+                                    sent,
+                                    current,
+                                }
+                            }
+                        })
+                }
+            }))
+            .await;
+            first_error(writes)?;
+            copied += piece.length();
+        }
+        // Durable before the caller commits a map that reads from the destination.
+        let flushes = join_all(targets.iter().map(|(backend, location)| async move {
+            backend
+                .flush(generation)
+                .await
+                .map_err(|e| EngineError::Io {
+                    area: location.area.clone(),
+                    source: match e {
+                        BackendError::Io(source) => source,
+                        other => io::Error::other(other.to_string()),
+                    },
+                })
+        }))
+        .await;
+        first_error(flushes)?;
+        Ok(copied)
+    }
+
+    /// A snapshot of the gate for status reports (GetGateState, attachments).
+    pub fn gate_view(&self) -> GateView {
+        let cell = self.gate.lock();
+        let gate = &cell.gate;
+        let (operation_id, attempt) = match gate.operation() {
+            Some((id, attempt)) => (Some(id.to_string()), attempt),
+            None => (None, 0),
+        };
+        GateView {
+            state: gate.state(),
+            active: gate.active().generation(),
+            staged: gate.staged().map(|m| m.generation()),
+            operation_id,
+            attempt,
+            in_flight: gate.in_flight(),
+            parked: gate.parked().len(),
+        }
+    }
+
+    /// The gate's state and the step its hold is set for.
+    pub fn hold_state(&self) -> (GateState, Option<OpRef>) {
+        let cell = self.gate.lock();
+        (cell.gate.state(), cell.gate.hold_op().cloned())
+    }
+
+    /// How long the current hold has been set, in ms (None when not held).
+    pub fn held_for_ms(&self) -> Option<u64> {
+        let since = (*self.hold_since.lock())?;
+        Some(self.now_ms().saturating_sub(since))
     }
 
     /// Sets the hold timer 215 of the volume's gate.
@@ -671,6 +803,18 @@ impl Volume {
     pub async fn flush(&self) -> Result<(), EngineError> {
         // A whole-volume span: any hold parks it (docs/remap.md "Flush is a whole-volume span").
         let (map, _in_flight) = self.pin(Span::WholeVolume).await?;
+        self.flush_map(&map).await
+    }
+
+    /// A flush that does not wait for the gate: for teardown while a remap holds the volume
+    /// (a gated flush would park until the operator resumes). Safe: it only makes writes that
+    /// were already acknowledged durable, on the active map's areas.
+    pub async fn flush_ungated(&self) -> Result<(), EngineError> {
+        let map = self.map.load_full();
+        self.flush_map(&map).await
+    }
+
+    async fn flush_map(&self, map: &ExtentMap) -> Result<(), EngineError> {
         let generation = map.generation();
         let mut areas: Vec<&AreaId> = map
             .runs()
