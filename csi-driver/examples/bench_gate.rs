@@ -96,7 +96,10 @@ fn main() -> anyhow::Result<()> {
                                 if kind == "read" {
                                     volume.read(offset, 4096).await.expect("read");
                                 } else {
-                                    volume.write(offset, data.clone(), false).await.expect("write");
+                                    volume
+                                        .write(offset, data.clone(), false)
+                                        .await
+                                        .expect("write");
                                 }
                             }
                         })

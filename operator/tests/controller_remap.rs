@@ -11,14 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use controller_support::*;
+use futures::future::BoxFuture;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use roaring::RoaringBitmap;
 use serde_json::json;
 use tessera_api::v1alpha1::*;
-use tessera_operator::controllers::Config;
-use tessera_operator::planners::remap::{MSG_CHANGE_FAILED, MSG_NODES_STOPPED, MSG_SUCCEEDED};
+use tessera_operator::controllers::{Config, node_control};
+use tessera_operator::planners::remap::{
+    MSG_CHANGE_FAILED, MSG_NODES_STOPPED, MSG_QUIESCE_FAILED, MSG_SUCCEEDED,
+};
 use tessera_proto::node_control::v1 as pb;
 use tessera_proto::node_control::v1::node_control_server::{NodeControl, NodeControlServer};
 use tonic::{Request, Response, Status};
@@ -306,8 +309,8 @@ async fn start_node(
         behaviour,
         quiesces: Mutex::new(0),
     });
-    let incoming = tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap())
-        .expect("bind");
+    let incoming =
+        tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()).expect("bind");
     let addr = incoming.local_addr().unwrap();
     let service = NodeControlServer::new(Served(Arc::clone(&node)));
     tokio::spawn(
@@ -400,12 +403,16 @@ async fn finished(cluster: &Cluster, name: &str) -> VolumeRemap {
 
 /// Three nodes, one area each (area-a on node-a holds the volume, area-b is the target).
 async fn setup(cluster: &Cluster, extents: i64) -> VirtualVolume {
-    cluster.create_class("standard", 0, DataPriority::High).await;
+    cluster
+        .create_class("standard", 0, DataPriority::High)
+        .await;
     cluster.create_pool("pool", json!({})).await;
     cluster.create_area("area-a", "node-a", "pool", 16).await;
     cluster.create_area("area-b", "node-b", "pool", 16).await;
     cluster.create_area("area-c", "node-c", "pool", 16).await;
-    cluster.create_claim("data", "pool", extents, "standard").await;
+    cluster
+        .create_claim("data", "pool", extents, "standard")
+        .await;
     let (_, volume) = cluster.bound("data").await;
     volume
 }
@@ -439,8 +446,14 @@ fn assert_barriers(log: &[(String, String, u32, i64)], nodes: &[&str], generatio
     let last_commit = nodes.iter().filter_map(|n| index("Commit", n)).max();
     let first_resume = nodes.iter().filter_map(|n| index("Resume", n)).min();
     assert!(last_quiesce.is_some() && first_commit.is_some(), "{log:#?}");
-    assert!(last_quiesce < first_commit, "a Commit before every Quiesce: {log:#?}");
-    assert!(last_commit < first_resume, "a Resume before every Commit: {log:#?}");
+    assert!(
+        last_quiesce < first_commit,
+        "a Commit before every Quiesce: {log:#?}"
+    );
+    assert!(
+        last_commit < first_resume,
+        "a Resume before every Commit: {log:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -464,7 +477,11 @@ async fn as01_as20_move_on_three_nodes_commits_every_cycle_behind_the_barrier() 
     assert_eq!(status.message.as_deref(), Some(MSG_SUCCEEDED));
     assert!(status.participants.iter().all(|p| !p.excluded));
     // Two cycles of two extents (chunkBytes = 2 extents): two generations.
-    let volume = cluster.api::<VirtualVolume>().get(&volume.name_any()).await.unwrap();
+    let volume = cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap();
     assert_eq!(generation(&volume), base + 2);
     assert_eq!(areas_of(&volume), vec!["area-b"]);
     let log = log.lock().unwrap().clone();
@@ -532,17 +549,32 @@ async fn as08_node_silent_on_quiesce_is_excluded_and_fenced_while_two_carry_on()
         .map(|(_, r, ..)| r.as_str())
         .collect();
     assert!(to_c.contains(&"Fence"), "{to_c:?}");
-    assert!(!to_c.iter().any(|r| *r == "Commit" || *r == "Resume"), "{to_c:?}");
+    assert!(
+        !to_c.iter().any(|r| *r == "Commit" || *r == "Resume"),
+        "{to_c:?}"
+    );
     assert!(c.gate.lock().unwrap().fenced);
-    let volume = cluster.api::<VirtualVolume>().get(&volume.name_any()).await.unwrap();
+    let volume = cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap();
     assert_eq!(generation(&volume), base + 1);
     assert_eq!(areas_of(&volume), vec!["area-b"]);
-    let fenced = volume.status.as_ref().unwrap().attachments.iter().find(|a| a.node == "node-c");
+    let fenced = volume
+        .status
+        .as_ref()
+        .unwrap()
+        .attachments
+        .iter()
+        .find(|a| a.node == "node-c");
     assert_eq!(fenced.map(|a| a.state), Some(AttachmentState::Fenced));
     cluster.event("move", "NodeExcluded").await;
     let events = cluster.events_about("move").await;
     assert!(
-        events.iter().any(|(t, reason, note)| t == "Warning" && reason == "NodeExcluded" && note.contains("node-c")),
+        events.iter().any(|(t, reason, note)| t == "Warning"
+            && reason == "NodeExcluded"
+            && note.contains("node-c")),
         "{events:#?}"
     );
     operator.stop().await;
@@ -569,7 +601,13 @@ async fn as12_commit_failure_on_one_node_rolls_back_everywhere() {
     let remap = finished(&cluster, "move").await;
     let status = remap.status.clone().unwrap();
     assert_eq!(status.phase, Some(RemapPhase::Failed), "{status:#?}");
-    assert!(status.message.as_deref().unwrap().starts_with(MSG_CHANGE_FAILED));
+    assert!(
+        status
+            .message
+            .as_deref()
+            .unwrap()
+            .starts_with(MSG_CHANGE_FAILED)
+    );
     let log = log.lock().unwrap().clone();
     for node in ["node-a", "node-b", "node-c"] {
         let rpcs: Vec<_> = log
@@ -587,10 +625,27 @@ async fn as12_commit_failure_on_one_node_rolls_back_everywhere() {
         assert!(!gate.held && !gate.fenced);
     }
     // The mapping did not change, and the reserved destination is free again.
-    let volume = cluster.api::<VirtualVolume>().get(&volume.name_any()).await.unwrap();
-    assert_eq!(volume.status.as_ref().unwrap().mapping.as_ref(), Some(&before));
-    assert!(cluster.event("move", "CommitFailed").await.contains("node-b"));
-    assert!(cluster.event("move", "Failed").await.starts_with(MSG_CHANGE_FAILED));
+    let volume = cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap();
+    assert_eq!(
+        volume.status.as_ref().unwrap().mapping.as_ref(),
+        Some(&before)
+    );
+    assert!(
+        cluster
+            .event("move", "CommitFailed")
+            .await
+            .contains("node-b")
+    );
+    assert!(
+        cluster
+            .event("move", "Failed")
+            .await
+            .starts_with(MSG_CHANGE_FAILED)
+    );
     cluster.create_claim("after", "pool", 16, "standard").await;
     cluster.bound("after").await;
     operator.stop().await;
@@ -626,8 +681,16 @@ async fn as17_new_leader_finishes_the_remap_the_old_one_started() {
     .await;
     // node-a has the Quiesce and sits on it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !log.lock().unwrap().iter().any(|(n, r, ..)| n == "node-a" && r == "Quiesce") {
-        assert!(tokio::time::Instant::now() < deadline, "no Quiesce reached node-a");
+    while !log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|(n, r, ..)| n == "node-a" && r == "Quiesce")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Quiesce reached node-a"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     first.kill().await;
@@ -645,9 +708,17 @@ async fn as17_new_leader_finishes_the_remap_the_old_one_started() {
     assert!(quiesces_a >= 2, "{log:#?}");
     assert_barriers(&log, &["node-a", "node-b"], base + 1);
     for node in &nodes {
-        assert_eq!(node.gate.lock().unwrap().active, base + 1, "no divergent generation");
+        assert_eq!(
+            node.gate.lock().unwrap().active,
+            base + 1,
+            "no divergent generation"
+        );
     }
-    let volume = cluster.api::<VirtualVolume>().get(&volume.name_any()).await.unwrap();
+    let volume = cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap();
     assert_eq!(generation(&volume), base + 1);
     assert_eq!(areas_of(&volume), vec!["area-b"]);
     second.stop().await;
@@ -657,7 +728,9 @@ async fn as17_new_leader_finishes_the_remap_the_old_one_started() {
 async fn reclaim_releases_an_attached_victim_under_the_hold_rechecking_usage() {
     let cluster = Cluster::start().await;
     let operator = cluster.spawn(config(&cluster, "operator-0"));
-    cluster.create_class("standard", 0, DataPriority::High).await;
+    cluster
+        .create_class("standard", 0, DataPriority::High)
+        .await;
     cluster.create_pool("pool", json!({})).await;
     cluster.create_area("area-a", "node-a", "pool", 8).await;
     cluster.create_claim("victim", "pool", 6, "standard").await;
@@ -667,13 +740,35 @@ async fn reclaim_releases_an_attached_victim_under_the_hold_rechecking_usage() {
     cluster.report_usage(&name, &[(0..2, false)]).await;
     let base = generation(&victim);
     let log: Log = Arc::default();
-    start_node(&cluster, "node-a", &log, base, Behaviour { in_use: vec![0, 1], ..Behaviour::default() }).await;
+    start_node(
+        &cluster,
+        "node-a",
+        &log,
+        base,
+        Behaviour {
+            in_use: vec![0, 1],
+            ..Behaviour::default()
+        },
+    )
+    .await;
     // node-b wrote extent 4 since its last report: the re-check under the hold must keep it.
-    start_node(&cluster, "node-b", &log, base, Behaviour { in_use: vec![0, 1, 4], ..Behaviour::default() }).await;
+    start_node(
+        &cluster,
+        "node-b",
+        &log,
+        base,
+        Behaviour {
+            in_use: vec![0, 1, 4],
+            ..Behaviour::default()
+        },
+    )
+    .await;
     attach(&cluster, &victim, &["node-a", "node-b"]).await;
 
     // 4 extents with 2 free: the victim is asked for its last two (4 and 5).
-    let claim = cluster.create_claim("newcomer", "pool", 4, "standard").await;
+    let claim = cluster
+        .create_claim("newcomer", "pool", 4, "standard")
+        .await;
     let step0 = wait_for(
         &cluster.api::<VolumeRemap>(),
         &format!("reclaim-{}-0", claim.uid().unwrap()),
@@ -683,7 +778,10 @@ async fn reclaim_releases_an_attached_victim_under_the_hold_rechecking_usage() {
     .await;
     assert_eq!(
         step0.spec.operation.release_ranges.as_ref().unwrap().ranges,
-        vec![VolumeRange { offset: 4 * ES, length: 2 * ES }]
+        vec![VolumeRange {
+            offset: 4 * ES,
+            length: 2 * ES
+        }]
     );
     let victim = cluster.api::<VirtualVolume>().get(&name).await.unwrap();
     assert_eq!(generation(&victim), base + 1);
@@ -694,7 +792,10 @@ async fn reclaim_releases_an_attached_victim_under_the_hold_rechecking_usage() {
             .iter()
             .any(|r| r.offset <= e * ES && e * ES < r.offset + r.length && !r.replicas.is_empty())
     };
-    assert!(mapped(4), "extent 4 was written under the plan's feet and is kept");
+    assert!(
+        mapped(4),
+        "extent 4 was written under the plan's feet and is kept"
+    );
     assert!(!mapped(5), "extent 5 is released");
     let log = log.lock().unwrap().clone();
     for node in ["node-a", "node-b"] {
@@ -704,10 +805,15 @@ async fn reclaim_releases_an_attached_victim_under_the_hold_rechecking_usage() {
     let returned = cluster.event("newcomer", "AreaReturned").await;
     assert!(returned.contains("released 1 extents"), "{returned}");
     let claim_events = cluster.events_about("newcomer").await;
-    assert!(!claim_events.iter().any(|(_, r, _)| r == "VictimSkipped"), "{claim_events:#?}");
+    assert!(
+        !claim_events.iter().any(|(_, r, _)| r == "VictimSkipped"),
+        "{claim_events:#?}"
+    );
 
     // The node's next report shows extent 4: the claim asks for extent 3 and binds.
-    cluster.report_usage(&name, &[(0..2, false), (4..5, false)]).await;
+    cluster
+        .report_usage(&name, &[(0..2, false), (4..5, false)])
+        .await;
     cluster.bound("newcomer").await;
     let remaps = cluster
         .api::<VolumeRemap>()
@@ -715,6 +821,153 @@ async fn reclaim_releases_an_attached_victim_under_the_hold_rechecking_usage() {
         .await
         .unwrap();
     assert!(remaps.items.len() >= 2);
+    cluster.assert_no_extent_mapped_twice().await;
+    operator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn as09_fewer_than_two_succeeded_resumes_all_retries_then_fails() {
+    let cluster = Cluster::start().await;
+    let operator = cluster.spawn(config(&cluster, "operator-0"));
+    let volume = setup(&cluster, 2).await;
+    let before = volume.status.as_ref().unwrap().mapping.clone().unwrap();
+    let base = generation(&volume);
+    let log: Log = Arc::default();
+    let a = start_node(&cluster, "node-a", &log, base, Behaviour::default()).await;
+    let silent = Behaviour {
+        quiesce_hangs: true,
+        ..Behaviour::default()
+    };
+    start_node(&cluster, "node-b", &log, base, silent).await;
+    attach(&cluster, &volume, &["node-a", "node-b"]).await;
+    create_move(
+        &cluster,
+        "move",
+        &volume.name_any(),
+        2,
+        "area-c",
+        json!({ "quiesceTimeoutMs": 400, "maxRetries": 1 }),
+    )
+    .await;
+
+    let remap = finished(&cluster, "move").await;
+    let status = remap.status.clone().unwrap();
+    assert_eq!(status.phase, Some(RemapPhase::Failed), "{status:#?}");
+    assert_eq!(status.attempt, Some(2));
+    let message = status.message.unwrap();
+    assert!(message.starts_with(MSG_QUIESCE_FAILED), "{message}");
+    assert!(
+        status.participants.iter().all(|p| !p.excluded),
+        "no exclusion below 2"
+    );
+    let log = log.lock().unwrap().clone();
+    for attempt in [1, 2] {
+        let a_quiesce = log
+            .iter()
+            .position(|(n, r, at, _)| n == "node-a" && r == "Quiesce" && *at == attempt);
+        let a_resume = log
+            .iter()
+            .position(|(n, r, at, _)| n == "node-a" && r == "Resume" && *at == attempt);
+        assert!(
+            a_quiesce.is_some() && a_quiesce < a_resume,
+            "attempt {attempt}: {log:#?}"
+        );
+    }
+    assert!(!log.iter().any(|(_, r, ..)| r == "Commit"), "{log:#?}");
+    assert!(
+        !a.gate.lock().unwrap().held,
+        "node-a resumed on the old map"
+    );
+    let volume = cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap();
+    assert_eq!(
+        volume.status.as_ref().unwrap().mapping.as_ref(),
+        Some(&before)
+    );
+    assert!(
+        cluster
+            .event("move", "QuiesceRetry")
+            .await
+            .contains("attempt 2")
+    );
+    operator.stop().await;
+}
+
+/// An in-memory [`NodeControl`]: every call answers at once and is logged.
+#[derive(Debug, Default)]
+struct InMemoryNodes {
+    calls: Mutex<Vec<(String, &'static str)>>,
+}
+
+impl node_control::NodeControl for InMemoryNodes {
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn call(
+        &self,
+        node: &str,
+        request: node_control::NodeRequest,
+        _: Duration,
+    ) -> BoxFuture<'static, Result<node_control::StepAnswer, node_control::NodeCallError>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((node.to_string(), request.name()));
+        Box::pin(async { Ok(node_control::StepAnswer::default()) })
+    }
+
+    fn gate_state(
+        &self,
+        _: &str,
+        _: &str,
+        _: Duration,
+    ) -> BoxFuture<'static, Result<node_control::GateState, node_control::NodeCallError>> {
+        Box::pin(async { Err(node_control::NodeCallError::Refused("no gate".into())) })
+    }
+
+    fn report_usage(
+        &self,
+        _: &str,
+        _: &str,
+        _: Duration,
+    ) -> BoxFuture<'static, Result<node_control::UsageAnswer, node_control::NodeCallError>> {
+        Box::pin(async { Ok(node_control::UsageAnswer::default()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn as28_move_of_a_volume_nobody_uses_sends_no_hold_and_records_the_mapping() {
+    let cluster = Cluster::start().await;
+    let nodes = Arc::new(InMemoryNodes::default());
+    let mut config = cluster.config("operator-0");
+    config.node_control = Some(Arc::clone(&nodes) as Arc<dyn node_control::NodeControl>);
+    let operator = cluster.spawn(config);
+    let volume = setup(&cluster, 3).await;
+    let base = generation(&volume);
+    create_move(&cluster, "move", &volume.name_any(), 3, "area-c", json!({})).await;
+
+    let remap = finished(&cluster, "move").await;
+    let status = remap.status.clone().unwrap();
+    assert_eq!(status.phase, Some(RemapPhase::Succeeded), "{status:#?}");
+    let volume = cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap();
+    assert_eq!(areas_of(&volume), vec!["area-c"]);
+    // Two cycles (2 + 1 extents), each a generation.
+    assert_eq!(generation(&volume), base + 2);
+    // No participant: no Stage/Quiesce/Commit/Resume, only the copies, by the source area's node.
+    let calls = nodes.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        vec![("node-a".to_string(), "CopyExtents"); 3],
+        "{calls:?}"
+    );
     cluster.assert_no_extent_mapped_twice().await;
     operator.stop().await;
 }

@@ -67,6 +67,9 @@ pub struct OpenedArea {
     pub backend: Arc<dyn AreaBackend>,
     /// Identity of the area on this node (kept in `<state-dir>/areas/<name>.uid`).
     pub uid: String,
+    /// The file or device existed before this start (it may hold data: an area without an
+    /// ownership ledger adopts its owners instead of starting empty, `ownership`).
+    pub preexisting: bool,
 }
 
 /// Opens (creating sparse files as needed) every configured area.
@@ -89,6 +92,7 @@ fn open_one(state_dir: &Path, area: AreaConfig) -> Result<OpenedArea, AgentError
             .map_err(|e| AgentError::io(format!("create {}", parent.display()), e))?;
     }
     let size = area.size_bytes.map(|s| s - s % SECTOR_SIZE);
+    let preexisting = area.path.exists();
     let backend = LocalArea::open(
         area.name.as_str(),
         &area.path,
@@ -119,6 +123,7 @@ fn open_one(state_dir: &Path, area: AreaConfig) -> Result<OpenedArea, AgentError
         config: area,
         backend: Arc::new(backend),
         uid,
+        preexisting,
     })
 }
 

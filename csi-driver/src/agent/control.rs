@@ -243,7 +243,7 @@ impl NodeControl for Service {
             let mut registry = self.agent.staged.lock().await;
             let remote = self
                 .agent
-                .ensure_remote_areas(&registry, &volume_id, &map)
+                .connect_remote_areas(&registry, &volume_id, &map, false)
                 .await
                 .map_err(|e| control_status(&e))?;
             let entry = registry
@@ -288,7 +288,9 @@ impl NodeControl for Service {
         self.carry_out(&volume, rest).await?;
         match answer {
             Some(answer) => self.respond(&volume, answer),
-            None => Err(Status::internal("the gate ended the quiesce without an answer")),
+            None => Err(Status::internal(
+                "the gate ended the quiesce without an answer",
+            )),
         }
     }
 
@@ -335,7 +337,13 @@ impl NodeControl for Service {
         let volume = self.volume(&volume_id).await?;
         let effects = volume.gate_control(|gate, _| gate.fence(&volume_id, op));
         let fenced = effects.iter().any(|e| {
-            matches!(e, Effect::Answer(GateAnswer { result: Ok(Reply::Fenced), .. }))
+            matches!(
+                e,
+                Effect::Answer(GateAnswer {
+                    result: Ok(Reply::Fenced),
+                    ..
+                })
+            )
         });
         let response = self.finish_step(&volume, effects).await?;
         if fenced {
@@ -364,7 +372,11 @@ impl NodeControl for Service {
         let (offset, length) = match (u64::try_from(request.offset), u64::try_from(request.length))
         {
             (Ok(o), Ok(l)) => (o, l),
-            _ => return Err(Status::invalid_argument("offset and length must not be negative")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "offset and length must not be negative",
+                ));
+            }
         };
         if request.destination.is_empty() {
             return Err(Status::invalid_argument("destination is required"));
@@ -452,13 +464,19 @@ fn op_ref(operation: Option<OperationRef>) -> Result<(String, OpRef), Status> {
         return Err(Status::invalid_argument("operation.volume is required"));
     }
     if operation.operation_id.is_empty() {
-        return Err(Status::invalid_argument("operation.operationId is required"));
+        return Err(Status::invalid_argument(
+            "operation.operationId is required",
+        ));
     }
     let generation = u64::try_from(operation.generation)
         .map_err(|_| Status::invalid_argument("operation.generation is negative"))?;
     Ok((
         operation.volume,
-        OpRef::new(operation.operation_id, operation.attempt, Generation(generation)),
+        OpRef::new(
+            operation.operation_id,
+            operation.attempt,
+            Generation(generation),
+        ),
     ))
 }
 
@@ -473,8 +491,14 @@ fn hold_scope(scope: Option<&WireHoldScope>, volume: &Volume) -> Result<HoldScop
     let mut extents = Vec::with_capacity(ranges.len());
     for r in ranges {
         let range = match (u64::try_from(r.offset), u64::try_from(r.length)) {
-            (Ok(o), Ok(l)) => ByteRange::new(o, l).map_err(|e| Status::invalid_argument(e.to_string()))?,
-            _ => return Err(Status::invalid_argument("scope ranges must not be negative")),
+            (Ok(o), Ok(l)) => {
+                ByteRange::new(o, l).map_err(|e| Status::invalid_argument(e.to_string()))?
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "scope ranges must not be negative",
+                ));
+            }
         };
         if let Span::Extents(e) = Span::of_bytes(range, extent_size) {
             extents.push(e);
@@ -545,7 +569,11 @@ impl Service {
     }
 
     #[allow(clippy::result_large_err)]
-    fn respond(&self, volume: &Volume, answer: GateAnswer) -> Result<Response<RemapStepResponse>, Status> {
+    fn respond(
+        &self,
+        volume: &Volume,
+        answer: GateAnswer,
+    ) -> Result<Response<RemapStepResponse>, Status> {
         let reply = answer
             .result
             .map_err(|refusal| Status::failed_precondition(refusal.to_string()))?;
@@ -589,13 +617,9 @@ pub(crate) fn spawn_attachment_update(agent: Arc<Agent>, volume_id: String) {
             GateState::Draining | GateState::Held => AttachmentState::Held,
             GateState::Fenced => AttachmentState::Fenced,
         };
-        if let Err(error) = status::set_attachment_state(
-            &agent,
-            &volume_id,
-            Some(view.active.get() as i64),
-            state,
-        )
-        .await
+        if let Err(error) =
+            status::set_attachment_state(&agent, &volume_id, Some(view.active.get() as i64), state)
+                .await
         {
             tracing::warn!(volume = %volume_id, %error, "attachment state not recorded");
         }
@@ -621,7 +645,11 @@ async fn hold_timer(agent: Arc<Agent>, mut stopped: watch::Receiver<bool>) {
         }
         let volumes: Vec<Arc<Volume>> = {
             let registry = agent.staged.lock().await;
-            registry.volumes.values().map(|v| Arc::clone(&v.volume)).collect()
+            registry
+                .volumes
+                .values()
+                .map(|v| Arc::clone(&v.volume))
+                .collect()
         };
         for volume in volumes {
             let effects = volume.gate_control(|gate, now| gate.tick(now));

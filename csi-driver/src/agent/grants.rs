@@ -4,6 +4,10 @@
 //! committed mapping places on this node's areas, at that mapping generation. A node that leaves
 //! `access_nodes()` (ControllerUnpublish) loses its ranges at once (seed 001 §8.4: only the
 //! recorded borrower of a mounted volume is served).
+//!
+//! Before granting, every range of this node's areas the mapping hands to a new owner is zeroed
+//! and recorded ([`super::ownership`]); only ranges the ledger records as the volume's are
+//! granted, so a borrower never reads a previous tenant's bytes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -71,6 +75,26 @@ pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option
     })
 }
 
+/// The ownership step, then the grants: ranges whose zeroing or recording failed (or that a
+/// stale event names but the volume no longer maps) are not granted.
+async fn settled_grants(agent: &Agent, volume: &VirtualVolume, node: &str) -> Option<VolumeGrants> {
+    match agent
+        .ownership
+        .settle_committed(&agent.client, volume)
+        .await
+    {
+        Ok(0) => {}
+        Ok(zeroed) => tracing::info!(volume = %volume.name_any(), zeroed,
+            "extents zeroed for their new owner before granting"),
+        Err(error) => tracing::warn!(volume = %volume.name_any(), %error,
+            "ownership step failed; the ranges it did not settle are not granted"),
+    }
+    let mut grants = grants_of(volume, node, &agent.local_areas)?;
+    let uid = volume.uid()?;
+    grants.ranges = agent.ownership.owned_only(&uid, grants.ranges).await;
+    (!grants.ranges.is_empty()).then_some(grants)
+}
+
 /// The grant table's view: volume → peers currently granted.
 #[derive(Default)]
 struct Granted {
@@ -134,13 +158,15 @@ pub(crate) async fn run(agent: Arc<Agent>, mut stopped: watch::Receiver<bool>) {
         match event {
             Ok(Event::Apply(volume)) => {
                 let name = volume.name_any();
-                granted.apply(&auth, &name, grants_of(&volume, &node, &agent.local_areas));
+                let grants = settled_grants(&agent, &volume, &node).await;
+                granted.apply(&auth, &name, grants);
             }
             Ok(Event::Delete(volume)) => granted.apply(&auth, &volume.name_any(), None),
             Ok(Event::Init) => listed = Some(BTreeSet::new()),
             Ok(Event::InitApply(volume)) => {
                 let name = volume.name_any();
-                granted.apply(&auth, &name, grants_of(&volume, &node, &agent.local_areas));
+                let grants = settled_grants(&agent, &volume, &node).await;
+                granted.apply(&auth, &name, grants);
                 if let Some(listed) = listed.as_mut() {
                     listed.insert(name);
                 }

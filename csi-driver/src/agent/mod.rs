@@ -8,6 +8,8 @@
 //!   server's grants equal to "the volume's borrowers may touch its ranges on my areas at the
 //!   committed generation" (one borrower at a time, seed 001 [0028]; several only for
 //!   multi-writer Block volumes).
+//! - [`ownership`]: the lender's ledger of which volume each extent of its areas was last
+//!   handed to; an extent is zeroed before it changes owner (before any grant or local open).
 //! - [`staging`]: the borrower side — the staged-volume registry (engine volumes, frontends,
 //!   NBD exports, mounts) behind the CSI Node service.
 //! - [`cache`]: the mapping cache `<state-dir>/mappings/<id>.json` and `<state-dir>/node.json`.
@@ -19,6 +21,7 @@ pub mod cache;
 pub mod control;
 pub mod grants;
 pub mod mounts;
+pub mod ownership;
 pub mod staging;
 pub mod status;
 
@@ -186,6 +189,8 @@ pub struct Agent {
     pub(crate) extent_addr: SocketAddr,
     pub(crate) control_addr: SocketAddr,
     pub(crate) staged: Mutex<staging::Registry>,
+    /// Last owner of every range of this node's areas (zeroing on owner change).
+    pub(crate) ownership: ownership::Ownership,
     /// Increases with every usage report of this node (seeded from the clock so that it keeps
     /// increasing across restarts).
     pub(crate) usage_sequence: AtomicU64,
@@ -232,6 +237,7 @@ impl Agent {
             .map_err(|e| AgentError::Unsupported(format!("sweeping stale devices: {e}")))?;
         let registry = Arc::new(AreaRegistry::new());
         let opened = areas::open_all(&config).await?;
+        let ownership = ownership::Ownership::open(&config.state_dir, &opened)?;
         let mut local_areas = Vec::new();
         let mut backends = Vec::new();
         for area in &opened {
@@ -267,6 +273,7 @@ impl Agent {
             extent_addr,
             control_addr,
             staged: Mutex::new(staging::Registry::default()),
+            ownership,
             usage_sequence: AtomicU64::new(seq_seed),
             control_answers: std::sync::Mutex::new(BTreeMap::new()),
             stop,
@@ -274,6 +281,9 @@ impl Agent {
         });
         // Register before anything can be granted or staged: the areas exist with an endpoint.
         areas::register_all(&agent, &opened).await?;
+        // Owners of areas that lost (or never had) a ledger, before anything is granted or
+        // opened: adopted from the mappings, never zeroed.
+        agent.ownership.adopt(&agent.client).await?;
         status::renew_lease(&agent).await?;
         agent.restore_from_cache().await;
         cache::write_node_json(&agent).await?;

@@ -291,6 +291,22 @@ impl Agent {
         volume: &str,
         map: &ExtentMap,
     ) -> Result<BTreeSet<AreaId>, AgentError> {
+        self.connect_remote_areas(registry, volume, map, true).await
+    }
+
+    /// Connects the remote areas `map` names; with `probe`, also waits until the lender's grant
+    /// covers the first range of each (a committed map). A staged map (seed 004 StageMapping)
+    /// is not probed: the lenders grant its new ranges only once it is recorded as committed.
+    pub(crate) async fn connect_remote_areas(
+        &self,
+        registry: &Registry,
+        volume: &str,
+        map: &ExtentMap,
+        probe: bool,
+    ) -> Result<BTreeSet<AreaId>, AgentError> {
+        // Extents of this node's areas that change owner are zeroed before the engine opens
+        // them: local I/O bypasses the extent server's grants (agent/ownership.rs).
+        self.claim_local_extents(volume, map, probe).await?;
         let mut first_range: BTreeMap<AreaId, u64> = BTreeMap::new();
         for run in map.runs().iter().filter(|r| !r.is_hole()) {
             for replica in &run.replicas {
@@ -341,6 +357,9 @@ impl Agent {
                     tracing::debug!(%area, ?old, "remote area reconnected");
                 }
             }
+            if !probe {
+                continue;
+            }
             // The pool may be shared with another volume: probe one sector of this volume's
             // range until the lender's grant covers it.
             let backend = self
@@ -362,11 +381,7 @@ impl Agent {
     }
 
     /// Disconnects remote areas no staged volume uses any more.
-    pub(crate) async fn release_remote_areas(
-        &self,
-        registry: &Registry,
-        areas: &BTreeSet<AreaId>,
-    ) {
+    pub(crate) async fn release_remote_areas(&self, registry: &Registry, areas: &BTreeSet<AreaId>) {
         for area in areas {
             if registry.remote_in_use(area) || self.local_areas.contains(area) {
                 continue;
@@ -1001,7 +1016,10 @@ impl Agent {
                 // The hold's other maps (rollback target, staged) may name other remote areas.
                 if let Some(record) = &hold {
                     for other in [&record.previous, &record.staged].into_iter().flatten() {
-                        remote_areas.extend(self.ensure_remote_areas(&registry, &id, other).await?);
+                        remote_areas.extend(
+                            self.connect_remote_areas(&registry, &id, other, false)
+                                .await?,
+                        );
                     }
                 }
                 let volume = Volume::open(
@@ -1017,12 +1035,13 @@ impl Agent {
                 if let Some(record) = hold {
                     // Seed 004 §11.4, AS-18: back held, never resumed by this process; the
                     // operator re-sends what it still wants (Commit, Rollback, Resume).
-                    let effects = volume.restore_hold(record).map_err(|source| {
-                        AgentError::Engine {
-                            volume: id.clone(),
-                            source,
-                        }
-                    })?;
+                    let effects =
+                        volume
+                            .restore_hold(record)
+                            .map_err(|source| AgentError::Engine {
+                                volume: id.clone(),
+                                source,
+                            })?;
                     for effect in effects {
                         if let crate::engine::gate::Effect::AskOperator { op } = effect {
                             tracing::warn!(volume = %id, operation = %op.operation_id,

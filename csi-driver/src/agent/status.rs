@@ -104,7 +104,7 @@ pub(crate) async fn set_attachment_state(
             attachments.push(VolumeAttachment {
                 node: node.clone(),
                 applied_generation: generation,
-                state: state.clone(),
+                state,
             });
             attachments.sort_by(|a, b| a.node.cmp(&b.node));
         }

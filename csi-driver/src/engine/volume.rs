@@ -362,7 +362,10 @@ impl Volume {
     /// Waits until `poll` (run on the gate) yields effects: used by Quiesce, whose answer comes
     /// from the request completion that drains the hold. `poll` must not change the gate when it
     /// has nothing to say (a repeated Quiesce while draining does not).
-    pub async fn gate_wait(&self, mut poll: impl FnMut(&mut IoGate, Millis) -> Vec<Effect>) -> Vec<Effect> {
+    pub async fn gate_wait(
+        &self,
+        mut poll: impl FnMut(&mut IoGate, Millis) -> Vec<Effect>,
+    ) -> Vec<Effect> {
         loop {
             let notified = self.gate_changed.notified();
             tokio::pin!(notified);
@@ -383,9 +386,13 @@ impl Volume {
     /// A node plugin restarted inside a hold: the gate comes back held from `record` (seed 004
     /// §11.4, AS-18) and never resumes by itself. Returns the gate's effects (`AskOperator`).
     pub fn restore_hold(&self, record: HoldRecord) -> Result<Vec<Effect>, EngineError> {
-        for map in [Some(&record.active), record.previous.as_ref(), record.staged.as_ref()]
-            .into_iter()
-            .flatten()
+        for map in [
+            Some(&record.active),
+            record.previous.as_ref(),
+            record.staged.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
         {
             check_extent_count(map)?;
             check_areas(map, &self.areas)?;
@@ -416,9 +423,15 @@ impl Volume {
         let range = self.request_range(&map, offset, length)?;
         let targets = destination
             .iter()
-            .map(|d| Ok((self.backend(&d.area).map_err(|_| EngineError::UnknownArea {
-                area: d.area.clone(),
-            })?, d)))
+            .map(|d| {
+                Ok((
+                    self.backend(&d.area)
+                        .map_err(|_| EngineError::UnknownArea {
+                            area: d.area.clone(),
+                        })?,
+                    d,
+                ))
+            })
             .collect::<Result<Vec<_>, EngineError>>()?;
         let chunk = chunk.max(SECTOR_SIZE) / SECTOR_SIZE * SECTOR_SIZE;
         let mut copied = 0;

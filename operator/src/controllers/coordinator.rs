@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_api::model::{ByteRange, Edit, ExtentMap, Generation, ReplicaLocation as ModelReplica};
 use tessera_api::v1alpha1::{
-    AttachmentState, ReclaimTier, ReplicaLocation, RemapOperationType, RemapPhase, VirtualVolume,
+    AttachmentState, ReclaimTier, RemapOperationType, RemapPhase, ReplicaLocation, VirtualVolume,
     VolumeLayout, VolumeMapping, VolumeRemap,
 };
 use tokio::sync::mpsc;
@@ -103,7 +103,10 @@ impl Record {
     /// The mapping every participant runs now.
     fn committed(&self) -> VolumeMapping {
         let g = self.state.committed_generation.get() as i64;
-        self.maps.get(&g).cloned().unwrap_or_else(|| self.base.clone())
+        self.maps
+            .get(&g)
+            .cloned()
+            .unwrap_or_else(|| self.base.clone())
     }
 
     /// The byte ranges the current cycle holds.
@@ -136,10 +139,7 @@ impl Record {
                     .take((*chunk_extents).max(1) as usize)
                     .collect()
             }
-            Plan::Release { extents, .. } => extents
-                .iter()
-                .flat_map(|&(s, l)| s..s + l)
-                .collect(),
+            Plan::Release { extents, .. } => extents.iter().flat_map(|&(s, l)| s..s + l).collect(),
         }
     }
 }
@@ -222,20 +222,25 @@ enum Input {
         result: std::result::Result<(VolumeMapping, bool, u64), String>,
     },
     /// The coordinator's own hold timer of (attempt, cycle) expired.
-    HoldTimer { attempt: u32, cycle: u32 },
+    HoldTimer {
+        attempt: u32,
+        cycle: u32,
+    },
 }
 
 /// Entry from the remap controller for a remap the coordinator drives.
 pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Action> {
-    let record = match parse_record(&remap) {
-        Some(record) => record,
+    let (record, resource_version, restarted) = match parse_record(&remap) {
+        Some(record) => (record, remap.resource_version(), true),
         None => match start(&remap, &ctx).await? {
-            Ok(record) => record,
+            Ok((record, rv)) => (record, rv, false),
             Err(action) => return Ok(action),
         },
     };
-    let restarted = remap.annotations().contains_key(STATE_ANNOTATION);
     let mut driver = Driver::new(remap, ctx, record);
+    // Every later write is conditional on the version this driver read or wrote: a second
+    // writer (an old leader that has not noticed it lost the Lease) makes this one stop.
+    driver.resource_version = resource_version;
     if restarted {
         driver.resume_reservation().await;
         driver.input(Input::Planner(Event::Restarted)).await?;
@@ -247,15 +252,20 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
 
 /// Plans the operation and writes its record. `Err(action)`: not started (waiting, or failed
 /// before anything happened).
-async fn start(
-    remap: &VolumeRemap,
-    ctx: &Context,
-) -> Result<std::result::Result<Record, Action>> {
+/// The record and the resourceVersion written.
+type Started = (Record, Option<String>);
+
+async fn start(remap: &VolumeRemap, ctx: &Context) -> Result<std::result::Result<Started, Action>> {
     let name = remap.name_any();
     let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
     let volumes: Api<VirtualVolume> = Api::all(ctx.client.clone());
     // One active remap per volume: the oldest unfinished one goes first.
-    let key = |r: &VolumeRemap| (r.metadata.creation_timestamp.clone().map(|t| t.0), r.name_any());
+    let key = |r: &VolumeRemap| {
+        (
+            r.metadata.creation_timestamp.clone().map(|t| t.0),
+            r.name_any(),
+        )
+    };
     let ahead = ctx
         .stores
         .remaps
@@ -295,8 +305,12 @@ async fn start(
         return Ok(Err(Action::requeue(ctx.config.wait_retry)));
     }
     let Some(volume) = volumes.get_opt(&remap.spec.volume_name).await? else {
-        return fail_early(ctx, remap, format!("volume {} does not exist", remap.spec.volume_name))
-            .await;
+        return fail_early(
+            ctx,
+            remap,
+            format!("volume {} does not exist", remap.spec.volume_name),
+        )
+        .await;
     };
     let Some(mapping) = volume.status.as_ref().and_then(|s| s.mapping.clone()) else {
         return Ok(Err(Action::requeue(ctx.config.wait_retry)));
@@ -338,8 +352,12 @@ async fn start(
         .pools
         .get(&ObjectRef::new(&volume.spec.pool_name))
     else {
-        return fail_early(ctx, remap, format!("pool {} does not exist", volume.spec.pool_name))
-            .await;
+        return fail_early(
+            ctx,
+            remap,
+            format!("pool {} does not exist", volume.spec.pool_name),
+        )
+        .await;
     };
     let es = extent_size(&pool)?;
     let size = volume.spec.size_bytes.max(0) as u64;
@@ -431,19 +449,22 @@ async fn start(
                 media_type: None,
                 preferred_node: None,
             };
-            let placement =
-                match plan_placement(&candidates, &request, &PlacementRules::from(&pool.spec.placement)) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        drop(book);
-                        return fail_early(
-                            ctx,
-                            remap,
-                            format!("no room for the moved extents: {}: {e}", e.reason()),
-                        )
-                        .await;
-                    }
-                };
+            let placement = match plan_placement(
+                &candidates,
+                &request,
+                &PlacementRules::from(&pool.spec.placement),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    drop(book);
+                    return fail_early(
+                        ctx,
+                        remap,
+                        format!("no room for the moved extents: {}: {e}", e.reason()),
+                    )
+                    .await;
+                }
+            };
             // Per replica, the destination of the i-th moved extent.
             let mut per_replica: Vec<Vec<ReplicaLocation>> = Vec::new();
             for replica in &placement.replicas {
@@ -493,7 +514,7 @@ async fn start(
     // Intent: the record (with the reserved destinations) is in the API before the lock is
     // released, so nobody else can plan the same extents.
     let text = serde_json::to_string(&record)?;
-    remaps
+    let written = remaps
         .patch(
             &name,
             &field_manager(),
@@ -509,14 +530,14 @@ async fn start(
         book.reserve(&reservation_key(&name), &record.pool, dest);
     }
     drop(book);
-    Ok(Ok(record))
+    Ok(Ok((record, written.resource_version())))
 }
 
-async fn fail_early(
+async fn fail_early<T>(
     ctx: &Context,
     remap: &VolumeRemap,
     message: String,
-) -> Result<std::result::Result<Record, Action>> {
+) -> Result<std::result::Result<T, Action>> {
     let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
     patch_status(
         &remaps,
@@ -530,8 +551,15 @@ async fn fail_early(
         None,
     )
     .await?;
-    ctx.publish(&reference(remap), EventType::Warning, "Failed", "Remap", message, None)
-        .await;
+    ctx.publish(
+        &reference(remap),
+        EventType::Warning,
+        "Failed",
+        "Remap",
+        message,
+        None,
+    )
+    .await;
     Ok(Err(Action::await_change()))
 }
 
@@ -634,14 +662,17 @@ impl Driver {
         let (next, commands) = step(before.clone(), event);
         self.record.state = next;
         let s = &self.record.state;
-        // A new hold (cycle or attempt): decide what it holds before anything is sent.
-        if s.phase == RemapPhase::Quiescing
-            && (before.phase != RemapPhase::Quiescing
-                || before.cycle != s.cycle
-                || before.attempt != s.attempt)
+        // A new hold (cycle or attempt): decide what it holds before anything is sent. With no
+        // participants the planner passes Quiescing within one step, so the cycle counts too.
+        if before.cycle != s.cycle
+            || before.attempt != s.attempt
+            || (s.phase == RemapPhase::Quiescing && before.phase != RemapPhase::Quiescing)
         {
             self.record.chunk = self.record.next_chunk();
         }
+        // Maps older than the committed one are never staged or recorded again.
+        let committed = s.committed_generation.get() as i64;
+        self.record.maps.retain(|g, _| *g >= committed);
         // 635: the restore map is the last committed layout at a new generation (the copied
         // extents hold the newest data; see docs/remap.md).
         if let Some(restore) = self.record.state.restore_generation {
@@ -702,7 +733,11 @@ impl Driver {
             meta["resourceVersion"] = json!(rv);
         }
         let written = remaps
-            .patch(&name, &field_manager(), &Patch::Merge(json!({ "metadata": meta })))
+            .patch(
+                &name,
+                &field_manager(),
+                &Patch::Merge(json!({ "metadata": meta })),
+            )
             .await?;
         let s = &self.record.state;
         let message = s.message.clone().or_else(|| self.record.progress.clone());
@@ -714,7 +749,13 @@ impl Driver {
             "message": message,
             "observedGeneration": self.remap.metadata.generation,
         });
-        if self.remap.status.as_ref().and_then(|st| st.start_time.as_ref()).is_none() {
+        if self
+            .remap
+            .status
+            .as_ref()
+            .and_then(|st| st.start_time.as_ref())
+            .is_none()
+        {
             status["startTime"] = json!(Time(now()));
         }
         if s.is_finished() {
@@ -787,7 +828,14 @@ impl Driver {
                     .get(&volume)
                     .map(|v| reference(v.as_ref()));
                 self.ctx
-                    .publish(&reference(self.remap.as_ref()), type_, reason, "Remap", message, related)
+                    .publish(
+                        &reference(self.remap.as_ref()),
+                        type_,
+                        reason,
+                        "Remap",
+                        message,
+                        related,
+                    )
                     .await;
             }
         }
@@ -881,7 +929,11 @@ impl Driver {
         )
         .await;
         if !matches!(answer, Ok(Ok(_))) {
-            tracing::warn!(node, cause, "fence not acknowledged by the node; marked Fenced");
+            tracing::warn!(
+                node,
+                cause,
+                "fence not acknowledged by the node; marked Fenced"
+            );
         }
         let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
         for _ in 0..10 {
@@ -971,9 +1023,7 @@ impl Driver {
                 Plan::Release { extents, tier, .. } => {
                     recheck(&record, &ctx, extents, *tier, timeout).await
                 }
-                Plan::Move { moves, .. } => {
-                    copy_chunk(&record, &ctx, moves, &flag, timeout).await
-                }
+                Plan::Move { moves, .. } => copy_chunk(&record, &ctx, moves, &flag, timeout).await,
             };
             let _ = tx.send(Input::CopyDone { cycle, result });
         });
@@ -986,15 +1036,16 @@ impl Driver {
         {
             let mut book = self.ctx.allocator.lock().await;
             if s.phase == RemapPhase::Succeeded {
-                wait_for_generation(&self.ctx, &self.record.volume, s.committed_generation.get() as i64)
-                    .await;
+                wait_for_generation(
+                    &self.ctx,
+                    &self.record.volume,
+                    s.committed_generation.get() as i64,
+                )
+                .await;
             }
             book.release(&reservation_key(&name));
         }
-        let Plan::Release {
-            tier, released, ..
-        } = &self.record.plan
-        else {
+        let Plan::Release { tier, released, .. } = &self.record.plan else {
             return Ok(());
         };
         let claim = claim_reference_from_labels(self.remap.as_ref());
@@ -1032,7 +1083,14 @@ impl Driver {
                 ReclaimTier::LowPriority => ("LowPriorityDataReleased", EventType::Warning),
             };
             self.ctx
-                .publish(&reference(v.as_ref()), type_, reason, "Reclaim", message.clone(), claim.clone())
+                .publish(
+                    &reference(v.as_ref()),
+                    type_,
+                    reason,
+                    "Reclaim",
+                    message.clone(),
+                    claim.clone(),
+                )
                 .await;
         }
         if let Some(claim) = &claim {
@@ -1059,7 +1117,12 @@ async fn wait_for_generation(ctx: &Context, volume: &str, generation: i64) {
             .stores
             .volumes
             .get(&ObjectRef::new(volume))
-            .and_then(|v| v.status.as_ref().and_then(|s| s.mapping.as_ref()).map(|m| m.generation));
+            .and_then(|v| {
+                v.status
+                    .as_ref()
+                    .and_then(|s| s.mapping.as_ref())
+                    .map(|m| m.generation)
+            });
         if cached.is_some_and(|g| g >= generation) {
             return;
         }
@@ -1108,21 +1171,29 @@ async fn recheck(
     }
     let committed = record.committed();
     let states = extent_states(&committed, record.size_bytes, Some(&report));
-    let named: Vec<ExtentRange> = extents.iter().map(|&(s, l)| ExtentRange::new(s, l)).collect();
+    let named: Vec<ExtentRange> = extents
+        .iter()
+        .map(|&(s, l)| ExtentRange::new(s, l))
+        .collect();
     let kept = recheck_under_hold(&states, &named, tier);
     let released = total_len(&kept);
     let target = record.state.target_generation.get();
-    let map = edit_map(record, &committed, |es, size| {
-        let mut edits = Vec::new();
-        for r in &kept {
-            let offset = r.start * es;
-            let end = (r.end() * es).min(size);
-            edits.push(Edit::PunchHole {
-                range: ByteRange::new(offset, end - offset).map_err(|e| e.to_string())?,
-            });
-        }
-        Ok(edits)
-    }, target)?;
+    let map = edit_map(
+        record,
+        &committed,
+        |es, size| {
+            let mut edits = Vec::new();
+            for r in &kept {
+                let offset = r.start * es;
+                let end = (r.end() * es).min(size);
+                edits.push(Edit::PunchHole {
+                    range: ByteRange::new(offset, end - offset).map_err(|e| e.to_string())?,
+                });
+            }
+            Ok(edits)
+        },
+        target,
+    )?;
     Ok((map, false, released))
 }
 
@@ -1155,15 +1226,18 @@ async fn copy_chunk(
     timeout: Duration,
 ) -> std::result::Result<(VolumeMapping, bool, u64), String> {
     let chunk = record.chunk.clone();
+    if chunk.is_empty() {
+        // Nothing left to move (a restart after the last cycle's copy): an empty cycle.
+        let mut map = record.committed();
+        map.generation = record.state.target_generation.get() as i64;
+        return Ok((map, false, 0));
+    }
     let copier = copier_node(record, ctx)?;
     let es = record.extent_size();
     let mut migration = Migration::new(chunk.len() as u64);
     let mut actions = migration.copy_range(0..chunk.len() as u64);
     let mut suspended = false;
-    loop {
-        let Some(action) = actions.pop() else {
-            break;
-        };
+    while let Some(action) = actions.pop() {
         match action {
             CopyAction::CopyExtent(i) => {
                 if !suspended && suspend.load(Ordering::SeqCst) {
@@ -1258,11 +1332,7 @@ fn copier_node(record: &Record, ctx: &Context) -> std::result::Result<String, St
     let committed = record.committed();
     for e in &record.chunk {
         for r in replicas_at(&committed, *e) {
-            if let Some(area) = ctx
-                .stores
-                .areas
-                .get(&ObjectRef::new(&r.area))
-            {
+            if let Some(area) = ctx.stores.areas.get(&ObjectRef::new(&r.area)) {
                 return Ok(area.spec.node_name.clone());
             }
         }

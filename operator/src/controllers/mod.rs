@@ -8,7 +8,7 @@
 //! | [`pool`] | StoragePool | counters 316–324 of seed 000 from areas and volumes; Ready, CapacityExhausted, Reclaiming |
 //! | [`claim`] | StorageClaim | admission, reclaim and placement (seed 000 Figs. 6–7, seed 002 Fig. 7); Pending → (Reclaiming) → Bound, or Rejected |
 //! | [`volume`] | VirtualVolume | mapping commit, usage from node reports, charging (seed 000 Fig. 10), release on deletion |
-//! | [`remap`] | VolumeRemap | applies `releaseRanges` to volumes that are not attached (the area return of seed 000 Fig. 7/9) |
+//! | [`remap`] | VolumeRemap | moves and releases of attached volumes through the remap [`coordinator`] (seed 004: quiesce, commit, resume over [`node_control`]); `releaseRanges` of unattached volumes directly (seed 000 Fig. 7/9) |
 //! | [`class`] | StoragePriorityClass | volume count; deletion refused while claims or volumes use it |
 //!
 //! [`Operator`] runs them only while this replica holds the leader Lease ([`crate::leader`]).
@@ -248,7 +248,11 @@ impl Stores {
     }
 
     /// The single waiter on every store's first list; sets `synced` when all are listed.
-    async fn wait_for_lists(&self, synced: watch::Sender<bool>, allocator: &Allocator) -> Result<()> {
+    async fn wait_for_lists(
+        &self,
+        synced: watch::Sender<bool>,
+        allocator: &Allocator,
+    ) -> Result<()> {
         let not = |kind| move |_| Error::NotSynced(kind);
         self.pools.wait_until_ready().await.map_err(not("pool"))?;
         self.areas.wait_until_ready().await.map_err(not("area"))?;
@@ -511,7 +515,11 @@ async fn run_controllers(
         let health = Arc::clone(&health);
         let ctx = Arc::clone(&ctx);
         async move {
-            if stores.wait_for_lists(synced_tx, &ctx.allocator).await.is_ok() {
+            if stores
+                .wait_for_lists(synced_tx, &ctx.allocator)
+                .await
+                .is_ok()
+            {
                 health.set_synced(true);
             }
         }

@@ -223,15 +223,22 @@ impl TonicNodeControl {
         Ok(NodeControlClient::new(channel))
     }
 
-    fn request<T>(&self, message: T, timeout: Duration) -> Result<tonic::Request<T>, NodeCallError> {
-        let token = self.token.as_ref().ok_or_else(|| {
-            NodeCallError::NotConfigured(NO_TOKEN.to_string())
-        })?;
+    fn request<T>(
+        &self,
+        message: T,
+        timeout: Duration,
+    ) -> Result<tonic::Request<T>, NodeCallError> {
+        let token = self
+            .token
+            .as_ref()
+            .ok_or_else(|| NodeCallError::NotConfigured(NO_TOKEN.to_string()))?;
         let mut request = tonic::Request::new(message);
         request.set_timeout(timeout);
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| NodeCallError::NotConfigured("the node-control token is not a valid header value".into()))?;
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            NodeCallError::NotConfigured(
+                "the node-control token is not a valid header value".into(),
+            )
+        })?;
         request.metadata_mut().insert("authorization", value);
         Ok(request)
     }
@@ -356,22 +363,42 @@ impl NodeControl for TonicNodeControl {
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Commit(op) => {
-                    let req = this.request(pb::RemapStepRequest { operation: op_ref(&op) }, timeout)?;
+                    let req = this.request(
+                        pb::RemapStepRequest {
+                            operation: op_ref(&op),
+                        },
+                        timeout,
+                    )?;
                     let r = client.commit(req).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Rollback(op) => {
-                    let req = this.request(pb::RemapStepRequest { operation: op_ref(&op) }, timeout)?;
+                    let req = this.request(
+                        pb::RemapStepRequest {
+                            operation: op_ref(&op),
+                        },
+                        timeout,
+                    )?;
                     let r = client.rollback(req).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Resume(op) => {
-                    let req = this.request(pb::RemapStepRequest { operation: op_ref(&op) }, timeout)?;
+                    let req = this.request(
+                        pb::RemapStepRequest {
+                            operation: op_ref(&op),
+                        },
+                        timeout,
+                    )?;
                     let r = client.resume(req).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Fence(op) => {
-                    let req = this.request(pb::RemapStepRequest { operation: op_ref(&op) }, timeout)?;
+                    let req = this.request(
+                        pb::RemapStepRequest {
+                            operation: op_ref(&op),
+                        },
+                        timeout,
+                    )?;
                     let r = client.fence(req).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }

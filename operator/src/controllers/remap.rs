@@ -1,14 +1,11 @@
-//! VolumeRemap, `releaseRanges` only: the area return of seed 000 (command 450 → release 430 →
-//! release processing 510, Figs. 7 and 9, [0057], [0068]–[0074]; D-17).
+//! VolumeRemap: the entry point of every remap. Moves (`Move`, `EvacuateArea`) and releases of
+//! volumes a node uses go to the remap coordinator ([`coordinator`]: quiesce every node, change
+//! the mapping, resume; seed 004). A `releaseRanges` remap of a volume **no node uses** (the
+//! area return of seed 000, command 450 → release 430 → release processing 510, Figs. 7 and 9,
+//! [0057], [0068]–[0074]; D-17) is applied here directly: no I/O can meet a stale mapping, so
+//! no hold is needed. A release the coordinator started stays with it to the end.
 //!
-//! The remap coordinator of ARCHITECTURE §6 (quiesce every node, change the mapping, resume)
-//! does not exist yet. Until it does, this controller applies a `releaseRanges` remap itself
-//! when — and only when — **no node uses the volume** (no `spec.accessNode`, no attachments):
-//! then no I/O can land on a stale mapping and no hold is needed. Remaps of attached volumes are
-//! left to the coordinator; a reclaim remap (one the claim controller created) on a volume that
-//! became attached meanwhile fails at once so the claim tries the next victim.
-//!
-//! Steps, each a write, each safe to repeat after a crash:
+//! Steps of the direct release, each a write, each safe to repeat after a crash:
 //! 1. Re-check under the allocation lock (the "re-check under the hold" of D-17): only the named
 //!    extents still in the tier's state are released ([`recheck_under_hold`]).
 //! 2. Intent: the remap's status says `Committing` with the `targetGeneration` it commits.
@@ -30,10 +27,10 @@ use tessera_api::v1alpha1::{
     ReclaimTier, RemapOperationType, RemapPhase, VirtualVolume, VolumeMapping, VolumeRemap,
 };
 
+use super::coordinator::{self, STATE_ANNOTATION};
 use super::support::{claim_reference_from_labels, human_bytes, now, patch_status, reference};
 use super::usage::{UsageReport, extent_states};
 use super::view::{extent_size, is_attached};
-use super::coordinator::{self, STATE_ANNOTATION};
 use super::{Config, Context, CrashPoint, Error, Informers, Result};
 use crate::planners::allocation::recheck_under_hold;
 use crate::planners::{ExtentRange, total_len};

@@ -75,7 +75,9 @@ impl From<&tessera_api::v1alpha1::RemapPolicy> for Policy {
 }
 
 /// The node-control messages the coordinator sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum NodeStep {
     Stage,
     Quiesce,
