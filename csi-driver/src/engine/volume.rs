@@ -1056,3 +1056,255 @@ fn all_failed(range: ByteRange, mut failed: Vec<(AreaId, io::Error)>) -> EngineE
 fn first_error(results: Vec<Result<(), EngineError>>) -> Result<(), EngineError> {
     results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
 }
+
+#[cfg(test)]
+mod gate_wiring_tests {
+    //! The engine's use of the I/O gate (docs/remap.md §5a): drain, park, dispatch, fence, and
+    //! a dropped request releasing its place. Named after seed 004 §11.7 where one applies.
+
+    use super::*;
+    use crate::backend::BackendFuture;
+    use crate::engine::gate::{ControlKind, GateState, HoldScope, Reply};
+    use tessera_api::model::Run;
+
+    /// Memory area whose writes wait for a permit while `paused`.
+    #[derive(Debug)]
+    struct Mem {
+        id: AreaId,
+        data: Mutex<Vec<u8>>,
+        paused: std::sync::atomic::AtomicBool,
+        permits: tokio::sync::Semaphore,
+    }
+
+    impl AreaBackend for Mem {
+        fn area(&self) -> &AreaId {
+            &self.id
+        }
+        fn size_bytes(&self) -> u64 {
+            self.data.lock().len() as u64
+        }
+        fn read(&self, _: Generation, offset: u64, length: usize) -> BackendFuture<'_, Bytes> {
+            let o = offset as usize;
+            let out = Bytes::copy_from_slice(&self.data.lock()[o..o + length]);
+            Box::pin(async move { Ok(out) })
+        }
+        fn write(&self, _: Generation, offset: u64, data: Bytes, _: bool) -> BackendFuture<'_, ()> {
+            Box::pin(async move {
+                if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+                    self.permits.acquire().await.expect("open").forget();
+                }
+                let o = offset as usize;
+                self.data.lock()[o..o + data.len()].copy_from_slice(&data);
+                Ok(())
+            })
+        }
+        fn write_zeroes(&self, _: Generation, _: u64, _: u64, _: bool) -> BackendFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn trim(&self, _: Generation, _: u64, _: u64) -> BackendFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn flush(&self, _: Generation) -> BackendFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    const ES: u64 = 4096;
+
+    /// Volume of 4 extents on area `m` (extent i at area extent i); generation 2 moves extent 1
+    /// to area extent 6.
+    fn rig() -> (Arc<Volume>, Arc<Mem>, Arc<ExtentMap>) {
+        let mem = Arc::new(Mem {
+            id: AreaId::new("m"),
+            data: Mutex::new(vec![0; 8 * ES as usize]),
+            paused: false.into(),
+            permits: tokio::sync::Semaphore::new(0),
+        });
+        let registry = Arc::new(AreaRegistry::new());
+        registry.insert(Arc::clone(&mem) as Arc<dyn AreaBackend>);
+        let map = |generation: u64, places: [u64; 4]| {
+            let runs = places
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Run::new(i as u64 * ES, ES, vec![ReplicaLocation::new("m", p * ES)]))
+                .collect();
+            ExtentMap::from_runs(
+                4 * ES,
+                ExtentSize::new(ES).expect("size"),
+                Generation(generation),
+                runs,
+            )
+            .expect("map")
+        };
+        let volume = Volume::open(
+            "v",
+            Arc::new(map(1, [0, 1, 2, 3])),
+            registry,
+            VolumeOptions::default(),
+        )
+        .expect("open");
+        (Arc::new(volume), mem, Arc::new(map(2, [0, 6, 2, 3])))
+    }
+
+    fn answered(effects: &[Effect], kind: ControlKind) -> Option<Result<Reply, Refusal>> {
+        effects.iter().find_map(|e| match e {
+            Effect::Answer(a) if a.kind == kind => Some(a.result.clone()),
+            _ => None,
+        })
+    }
+
+    async fn settle() {
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    /// AS-02/AS-03 through the engine: the quiesce is answered only once the write in flight on
+    /// the held extent finished; a write arriving during the hold parks and, after commit and
+    /// resume, lands where the new map puts it.
+    #[tokio::test]
+    async fn as02_quiesce_waits_for_in_flight_io_and_parked_io_runs_on_the_new_map() {
+        let (volume, mem, next) = rig();
+        let op = OpRef::new("op", 1, Generation(2));
+        let staged = volume.stage(op.clone(), Arc::clone(&next)).expect("stage");
+        assert!(matches!(answered(&staged, ControlKind::Stage), Some(Ok(_))));
+
+        mem.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        let in_flight = tokio::spawn({
+            let volume = Arc::clone(&volume);
+            async move { volume.write(ES, Bytes::from(vec![1u8; 512]), false).await }
+        });
+        settle().await;
+        let effects =
+            volume.gate_control(|g, _| g.quiesce("v", op.clone(), HoldScope::extents(vec![1..2])));
+        assert_eq!(
+            answered(&effects, ControlKind::Quiesce),
+            None,
+            "not drained yet"
+        );
+        assert_eq!(volume.gate_view().state, GateState::Draining);
+
+        let parked = tokio::spawn({
+            let volume = Arc::clone(&volume);
+            async move {
+                volume
+                    .write(ES + 512, Bytes::from(vec![2u8; 512]), false)
+                    .await
+            }
+        });
+        // Outside the held extent: not held (AS-04).
+        volume.read(0, 512).await.expect("extent 0 is free");
+        settle().await;
+        assert_eq!(volume.gate_view().parked, 1);
+
+        let waiter = tokio::spawn({
+            let volume = Arc::clone(&volume);
+            let op = op.clone();
+            async move {
+                volume
+                    .gate_wait(|g, _| g.quiesce("v", op.clone(), HoldScope::extents(vec![1..2])))
+                    .await
+            }
+        });
+        settle().await;
+        assert!(
+            !waiter.is_finished(),
+            "quiesce answers only after the drain"
+        );
+        mem.paused.store(false, std::sync::atomic::Ordering::SeqCst);
+        mem.permits.add_permits(1);
+        in_flight
+            .await
+            .expect("task")
+            .expect("write in flight finishes");
+        let effects = waiter.await.expect("waiter");
+        assert!(matches!(
+            answered(&effects, ControlKind::Quiesce),
+            Some(Ok(Reply::QuiesceComplete { .. }))
+        ));
+        let commit = volume.gate_control(|g, _| g.commit("v", op.clone()));
+        assert!(matches!(
+            answered(&commit, ControlKind::Commit),
+            Some(Ok(_))
+        ));
+        assert_eq!(volume.generation(), Generation(2));
+        assert!(!parked.is_finished());
+        let resume = volume.gate_control(|g, _| g.resume("v", op.clone()));
+        assert!(matches!(
+            answered(&resume, ControlKind::Resume),
+            Some(Ok(Reply::Resumed {
+                redispatched: 1,
+                ..
+            }))
+        ));
+        parked.await.expect("task").expect("parked write runs");
+        let data = mem.data.lock();
+        assert_eq!(
+            &data[(6 * ES + 512) as usize..(6 * ES + 1024) as usize],
+            &[2u8; 512][..]
+        );
+        assert_eq!(
+            &data[(ES + 512) as usize..(ES + 1024) as usize],
+            &[0u8; 512][..]
+        );
+        assert_eq!(volume.gate_view().in_flight, 0);
+    }
+
+    /// AS-26: fencing fails parked requests and refuses new ones with EIO.
+    #[tokio::test]
+    async fn as26_fence_fails_parked_and_new_requests() {
+        let (volume, _mem, _) = rig();
+        let op = OpRef::new("op", 1, Generation(2));
+        volume.gate_control(|g, _| g.quiesce("v", op.clone(), HoldScope::WholeVolume));
+        let parked = tokio::spawn({
+            let volume = Arc::clone(&volume);
+            async move { volume.read(0, 512).await }
+        });
+        settle().await;
+        volume.gate_control(|g, _| g.fence("v", op.clone()));
+        let error = parked.await.expect("task").expect_err("fenced");
+        assert_eq!(error.errno(), libc::EIO);
+        let error = volume.write(0, Bytes::from(vec![0u8; 512]), false).await;
+        assert!(matches!(error, Err(EngineError::Fenced { .. })));
+    }
+
+    /// A dropped request releases its place: dropped while in flight, the drain still completes;
+    /// dropped while parked, its dispatch completes it at once.
+    #[tokio::test]
+    async fn dropped_requests_release_the_gate() {
+        let (volume, mem, _) = rig();
+        let op = OpRef::new("op", 1, Generation(2));
+        mem.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+        let in_flight = tokio::spawn({
+            let volume = Arc::clone(&volume);
+            async move { volume.write(0, Bytes::from(vec![1u8; 512]), false).await }
+        });
+        settle().await;
+        let effects =
+            volume.gate_control(|g, _| g.quiesce("v", op.clone(), HoldScope::WholeVolume));
+        assert_eq!(answered(&effects, ControlKind::Quiesce), None);
+        in_flight.abort();
+        let _ = in_flight.await;
+        let effects = volume
+            .gate_wait(|g, _| g.quiesce("v", op.clone(), HoldScope::WholeVolume))
+            .await;
+        assert!(matches!(
+            answered(&effects, ControlKind::Quiesce),
+            Some(Ok(_))
+        ));
+        let parked = tokio::spawn({
+            let volume = Arc::clone(&volume);
+            async move { volume.read(0, 512).await }
+        });
+        settle().await;
+        parked.abort();
+        let _ = parked.await;
+        volume.gate_control(|g, _| g.resume("v", op.clone()));
+        let view = volume.gate_view();
+        assert_eq!(
+            (view.state, view.in_flight, view.parked),
+            (GateState::Running, 0, 0)
+        );
+    }
+}

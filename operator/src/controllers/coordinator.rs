@@ -237,6 +237,12 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
             Err(action) => return Ok(action),
         },
     };
+    if record.state.is_finished() {
+        // Ended before a restart (the status may lag in the cache): nothing is in flight.
+        let mut book = ctx.allocator.lock().await;
+        book.release(&reservation_key(&remap.name_any()));
+        return Ok(Action::await_change());
+    }
     let mut driver = Driver::new(remap, ctx, record);
     // Every later write is conditional on the version this driver read or wrote: a second
     // writer (an old leader that has not noticed it lost the Lease) makes this one stop.
@@ -688,11 +694,27 @@ impl Driver {
                 self.record.progress = Some(message.clone());
             }
         }
-        if self.record.state != before || !commands.is_empty() {
+        if self.record.state.is_finished() {
+            // The last state is only written once its effects are done: a finished record is
+            // never resumed, so a crash in between must leave the previous state, which
+            // re-issues them (RecordMapping, fences are idempotent).
+            let (reports, effects): (Vec<_>, Vec<_>) = commands
+                .into_iter()
+                .partition(|c| matches!(c, Command::Report { .. }));
+            for command in effects {
+                self.execute(command).await?;
+            }
             self.persist().await?;
-        }
-        for command in commands {
-            self.execute(command).await?;
+            for command in reports {
+                self.execute(command).await?;
+            }
+        } else {
+            if self.record.state != before || !commands.is_empty() {
+                self.persist().await?;
+            }
+            for command in commands {
+                self.execute(command).await?;
+            }
         }
         self.arm_hold_timer();
         Ok(())

@@ -92,6 +92,17 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
     {
         return coordinator::reconcile(remap, ctx).await;
     }
+    // One remap per volume: a coordinated one in flight (a move of this volume) goes first;
+    // releasing under it would race its mapping commits.
+    let coordinated = ctx.stores.remaps.state().iter().any(|r| {
+        r.spec.volume_name == remap.spec.volume_name
+            && r.name_any() != remap.name_any()
+            && r.annotations().contains_key(STATE_ANNOTATION)
+            && !super::claim::is_final(r)
+    });
+    if coordinated {
+        return Ok(Action::requeue(ctx.config.wait_retry));
+    }
     let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
     let name = remap.name_any();
     let from_reclaim = claim_reference_from_labels(remap.as_ref());
