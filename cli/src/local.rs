@@ -633,6 +633,9 @@ impl Starting {
                 OPERATOR_IDENTITY.into(),
                 "--lease-namespace".into(),
                 "default".into(),
+                // The node-control token: remaps of attached volumes (seed 004 quiesce) need it.
+                "--token-file".into(),
+                token_file.display().to_string(),
             ],
         )?;
         self.wait(operator, "taking its leader Lease", || {

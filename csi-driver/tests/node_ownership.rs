@@ -321,3 +321,64 @@ async fn the_ledger_survives_a_restart_and_still_zeroes_for_the_next_owner() {
     a.stop().await;
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expansion_onto_freed_extents_reads_zeros_there() {
+    let cluster = Cluster::start().await;
+    let a = cluster
+        .start_node(cluster.node_args("node-a", 1, 16 * ES, FrontendChoice::Nbd))
+        .await;
+    let area = "node-a-area-0";
+    cluster
+        .create_volume("vol-freed", ES, 1, &[Some((area, 5))], Some("node-a"))
+        .await;
+    let staging_freed = cluster.path("a/staging/vol-freed");
+    a.stage("vol-freed", &staging_freed, block_cap())
+        .await
+        .expect("stage");
+    fill(&a, "vol-freed", 1, 70).await;
+    a.unstage("vol-freed", &staging_freed)
+        .await
+        .expect("unstage");
+    delete_volume(&cluster, "vol-freed").await;
+
+    cluster
+        .create_volume("vol-grow", ES, 1, &[Some((area, 0))], Some("node-a"))
+        .await;
+    let staging = cluster.path("a/staging/vol-grow");
+    a.stage("vol-grow", &staging, block_cap())
+        .await
+        .expect("stage");
+    fill(&a, "vol-grow", 1, 80).await;
+    // D-33 growth appends slot 5 (freed above) at generation 2; the node applies it.
+    cluster
+        .set_mapping("vol-grow", 2 * ES, 2, &[Some((area, 0)), Some((area, 5))])
+        .await;
+    let size = a
+        .csi
+        .clone()
+        .node_expand_volume(tessera_proto::csi::v1::NodeExpandVolumeRequest {
+            volume_id: "vol-grow".into(),
+            volume_path: staging.display().to_string(),
+            capacity_range: Some(tessera_proto::csi::v1::CapacityRange {
+                required_bytes: (2 * ES) as i64,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("expand")
+        .into_inner()
+        .capacity_bytes;
+    assert_eq!(size, (2 * ES) as i64);
+    assert!(
+        is_zero(&read_extent(&a, "vol-grow", 1).await),
+        "the appended extent shows the freed volume's bytes"
+    );
+    assert!(
+        read_extent(&a, "vol-grow", 0).await == pattern(80, ES as usize),
+        "the volume's own extent was zeroed by its growth"
+    );
+    a.unstage("vol-grow", &staging).await.expect("unstage");
+    a.stop().await;
+}

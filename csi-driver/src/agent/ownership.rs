@@ -234,6 +234,13 @@ fn ledger_path(dir: &Path, area: &AreaId) -> PathBuf {
     dir.join(format!("{area}.owners.json"))
 }
 
+/// Atomic replace (temporary file, fsync, rename, directory fsync).
+fn persist(dir: &Path, area: &AreaId, ledger: &Ledger) -> Result<(), AgentError> {
+    let data = serde_json::to_vec(&ledger.to_file(area))
+        .map_err(|e| AgentError::InvalidConfig(format!("serializing the ledger: {e}")))?;
+    super::cache::write_atomic(&ledger_path(dir, area), &data)
+}
+
 /// Non-hole ranges of `map` on `areas`, per area (merged).
 fn local_ranges(
     map: &ExtentMap,
@@ -286,10 +293,7 @@ impl Ownership {
                 Err(e) => return Err(AgentError::io(format!("read {}", path.display()), e)),
             };
             if !adopt && !path.exists() {
-                super::cache::write_atomic(
-                    &path,
-                    &serde_json::to_vec(&ledger.to_file(&area.id)).unwrap_or_default(),
-                )?;
+                persist(&dir, &area.id, &ledger)?;
             }
             ledgers.insert(
                 area.id.clone(),
@@ -307,9 +311,7 @@ impl Ownership {
     }
 
     fn persist(&self, area: &AreaId, ledger: &Ledger) -> Result<(), AgentError> {
-        let data = serde_json::to_vec(&ledger.to_file(area))
-            .map_err(|e| AgentError::InvalidConfig(format!("serializing the ledger: {e}")))?;
-        super::cache::write_atomic(&ledger_path(&self.dir, area), &data)
+        persist(&self.dir, area, ledger)
     }
 
     /// Adopts, for areas marked so, the owners the committed mappings name (no zeroing), and
