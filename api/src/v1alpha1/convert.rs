@@ -27,6 +27,23 @@ fn to_i64(value: u64) -> Result<i64, MappingConversionError> {
 }
 
 impl VolumeMapping {
+    /// The model map of a volume whose `spec.sizeBytes` is `spec_size_bytes`, taking the
+    /// mapping's own end when it reaches further. The operator grows a volume by committing the
+    /// longer mapping first and raising `spec.sizeBytes` second (crash-safe order, docs/operator.md);
+    /// between the two writes the committed mapping is the truth and must stay usable.
+    pub fn to_model_committed(
+        &self,
+        spec_size_bytes: i64,
+    ) -> Result<ExtentMap, MappingConversionError> {
+        let mapped_end = self
+            .extents
+            .iter()
+            .map(|run| run.offset.saturating_add(run.length))
+            .max()
+            .unwrap_or(0);
+        self.to_model(spec_size_bytes.max(mapped_end))
+    }
+
     /// The model map of a volume of `size_bytes` (the volume's `spec.sizeBytes`).
     pub fn to_model(&self, size_bytes: i64) -> Result<ExtentMap, MappingConversionError> {
         let size = non_negative("sizeBytes", size_bytes)?;
@@ -95,6 +112,30 @@ mod tests {
     use crate::model::ByteRange;
 
     const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn committed_model_follows_a_mapping_grown_ahead_of_the_spec() {
+        let es = ExtentSize::new(4 * MIB).unwrap();
+        let grown = ExtentMap::new_hole(12 * MIB, es)
+            .unwrap()
+            .assign(
+                ByteRange::new(0, 12 * MIB).unwrap(),
+                vec![ReplicaLocation::new("a0", 0)],
+            )
+            .unwrap();
+        let wire = VolumeMapping::from_model(&grown).unwrap();
+        // Between the operator's two growth writes: mapping at 12 MiB, spec still 8 MiB.
+        assert!(wire.to_model((8 * MIB) as i64).is_err());
+        let map = wire.to_model_committed((8 * MIB) as i64).unwrap();
+        assert_eq!(map.size_bytes(), 12 * MIB);
+        // Once the spec caught up (or is larger), the spec size wins as before.
+        assert_eq!(
+            wire.to_model_committed((12 * MIB) as i64)
+                .unwrap()
+                .size_bytes(),
+            12 * MIB
+        );
+    }
 
     #[test]
     fn round_trip_keeps_runs_holes_replicas_and_generation() {

@@ -48,7 +48,7 @@ pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option
     if peers.is_empty() {
         return None;
     }
-    let map = match mapping.to_model(volume.spec.size_bytes) {
+    let map = match mapping.to_model_committed(volume.spec.size_bytes) {
         Ok(map) => map,
         Err(error) => {
             tracing::warn!(volume = %volume.name_any(), %error, "unusable mapping; nothing granted");

@@ -259,7 +259,7 @@ fn local_ranges(
 
 fn committed_map(volume: &VirtualVolume) -> Option<ExtentMap> {
     let mapping = volume.status.as_ref()?.mapping.as_ref()?;
-    mapping.to_model(volume.spec.size_bytes).ok()
+    mapping.to_model_committed(volume.spec.size_bytes).ok()
 }
 
 fn backend_io(error: BackendError) -> std::io::Error {

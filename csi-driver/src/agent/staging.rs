@@ -268,7 +268,7 @@ impl Agent {
             .and_then(|s| s.mapping.as_ref())
             .ok_or_else(|| AgentError::NotMapped(name.clone()))?;
         mapping
-            .to_model(volume.spec.size_bytes)
+            .to_model_committed(volume.spec.size_bytes)
             .map_err(|e| AgentError::InvalidMapping {
                 volume: name,
                 reason: e.to_string(),
