@@ -284,9 +284,13 @@ impl Volume {
     pub fn gate_control(&self, f: impl FnOnce(&mut IoGate, Millis) -> Vec<Effect>) -> Vec<Effect> {
         let now = self.now_ms();
         let mut out = Vec::new();
+        let changed;
         {
             let mut cell = self.gate.lock();
             let effects = f(&mut cell.gate, now);
+            // Only a call that did something wakes the waiters: a poll of `gate_wait` with
+            // nothing to say must not wake itself (it would spin).
+            changed = !effects.is_empty();
             let mut abandoned = Vec::new();
             for effect in effects {
                 match effect {
@@ -320,7 +324,9 @@ impl Volume {
                 _ => {}
             }
         }
-        self.gate_changed.notify_waiters();
+        if changed {
+            self.gate_changed.notify_waiters();
+        }
         out
     }
 
@@ -1058,6 +1064,7 @@ fn first_error(results: Vec<Result<(), EngineError>>) -> Result<(), EngineError>
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)] // hold scopes are lists of extent ranges
 mod gate_wiring_tests {
     //! The engine's use of the I/O gate (docs/remap.md §5a): drain, park, dispatch, fence, and
     //! a dropped request releasing its place. Named after seed 004 §11.7 where one applies.
@@ -1110,6 +1117,10 @@ mod gate_wiring_tests {
     }
 
     const ES: u64 = 4096;
+
+    fn held_extent_1() -> HoldScope {
+        HoldScope::extents(vec![1..2])
+    }
 
     /// Volume of 4 extents on area `m` (extent i at area extent i); generation 2 moves extent 1
     /// to area extent 6.
@@ -1176,8 +1187,7 @@ mod gate_wiring_tests {
             async move { volume.write(ES, Bytes::from(vec![1u8; 512]), false).await }
         });
         settle().await;
-        let effects =
-            volume.gate_control(|g, _| g.quiesce("v", op.clone(), HoldScope::extents(vec![1..2])));
+        let effects = volume.gate_control(|g, _| g.quiesce("v", op.clone(), held_extent_1()));
         assert_eq!(
             answered(&effects, ControlKind::Quiesce),
             None,
@@ -1203,7 +1213,7 @@ mod gate_wiring_tests {
             let op = op.clone();
             async move {
                 volume
-                    .gate_wait(|g, _| g.quiesce("v", op.clone(), HoldScope::extents(vec![1..2])))
+                    .gate_wait(|g, _| g.quiesce("v", op.clone(), held_extent_1()))
                     .await
             }
         });
