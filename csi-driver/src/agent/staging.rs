@@ -1022,11 +1022,25 @@ impl Agent {
                         );
                     }
                 }
+                // The data priority and the usage bitmaps as a fresh stage would set them (the
+                // last usage report, else all mapped extents in use); without the API, the
+                // conservative default (high priority, all mapped extents in use) keeps reclaim
+                // from taking anything this volume may hold.
+                let options = match Api::<VirtualVolume>::all(self.client.clone())
+                    .get_opt(&id)
+                    .await
+                {
+                    Ok(Some(object)) => VolumeOptions {
+                        priority: self.data_priority(&object.spec.priority_class_name).await,
+                        usage: Self::usage_init(&object),
+                    },
+                    _ => VolumeOptions::default(),
+                };
                 let volume = Volume::open(
                     id.clone(),
                     Arc::clone(&map),
                     Arc::clone(&self.registry),
-                    VolumeOptions::default(),
+                    options,
                 )
                 .map_err(|source| AgentError::Engine {
                     volume: id.clone(),
