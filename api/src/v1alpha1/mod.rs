@@ -27,6 +27,8 @@ pub use priority_class::*;
 pub use remap::*;
 pub use volume::*;
 
+pub mod usage_report;
+
 /// API group of every tessera kind.
 pub const GROUP: &str = "tessera.io";
 /// API version of this module.

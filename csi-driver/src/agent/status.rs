@@ -5,20 +5,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use roaring::RoaringBitmap;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tessera_api::v1alpha1::usage_report::UsageReport;
 use tessera_api::v1alpha1::{AttachmentState, VirtualVolume, VolumeAttachment};
 
 use super::{Agent, AgentError};
 use crate::engine::Volume;
 
 /// The annotation the node writes its usage view into (format: docs/operator.md).
-pub const USAGE_REPORT_ANNOTATION: &str = "tessera.io/usage-report";
+pub use tessera_api::v1alpha1::usage_report::USAGE_REPORT_ANNOTATION;
 /// Lease annotation with the node-control endpoint.
 pub const CONTROL_ENDPOINT_ANNOTATION: &str = "tessera.io/control-endpoint";
 
@@ -137,15 +136,6 @@ pub(crate) async fn set_attachment_state(
     )))
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct WireReport {
-    sequence: u64,
-    node: String,
-    in_use: ByteString,
-    high_priority: ByteString,
-}
-
 /// `(in_use, high_priority)` extent bitmaps of a volume.
 pub type UsageView = (RoaringBitmap, RoaringBitmap);
 
@@ -159,29 +149,26 @@ pub fn bitmap_bytes(bitmap: &RoaringBitmap) -> Vec<u8> {
     bytes
 }
 
-/// The annotation value: `{"sequence", "node", "inUse", "highPriority"}` with base64 roaring
-/// bitmaps (the format of the operator's `controllers::usage::UsageReport`).
+/// The annotation value (the wire format of `tessera_api::v1alpha1::usage_report`).
 pub fn usage_report_json(
     sequence: u64,
     node: &str,
     in_use: &RoaringBitmap,
     high_priority: &RoaringBitmap,
 ) -> String {
-    let report = WireReport {
+    UsageReport {
         sequence,
         node: node.to_string(),
-        in_use: ByteString(bitmap_bytes(in_use)),
-        high_priority: ByteString(bitmap_bytes(high_priority)),
-    };
-    serde_json::to_string(&report).unwrap_or_default()
+        in_use: in_use.clone(),
+        high_priority: high_priority.clone(),
+    }
+    .encode()
 }
 
 /// Parses an annotation value back into `(in_use, high_priority)` (restoring usage on stage).
 pub fn parse_usage_report(value: &str) -> Option<(RoaringBitmap, RoaringBitmap)> {
-    let report: WireReport = serde_json::from_str(value).ok()?;
-    let in_use = RoaringBitmap::deserialize_from(&report.in_use.0[..]).ok()?;
-    let high = RoaringBitmap::deserialize_from(&report.high_priority.0[..]).ok()?;
-    Some((in_use, high))
+    let report = UsageReport::decode(value).ok()?;
+    Some((report.in_use, report.high_priority))
 }
 
 /// Writes the usage report of one volume.

@@ -25,8 +25,7 @@ pub const VOLUME_FINALIZER: &str = "tessera.io/virtualvolume-protection";
 /// extents are recorded in the same write that creates the volume (a status cannot be set on
 /// create). Copied into `status.mapping` right after; see docs/operator.md "Intent recording".
 pub const PLANNED_MAPPING_ANNOTATION: &str = "tessera.io/planned-mapping";
-/// The node's usage report on a VirtualVolume (see [`super::usage`]).
-pub const USAGE_REPORT_ANNOTATION: &str = "tessera.io/usage-report";
+pub use tessera_api::v1alpha1::usage_report::USAGE_REPORT_ANNOTATION;
 
 /// Labels of objects the operator creates.
 pub const POOL_LABEL: &str = "tessera.io/pool";
