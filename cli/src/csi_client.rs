@@ -3,28 +3,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use hyper_util::rt::TokioIo;
 use tessera_proto::csi::v1 as csi;
-use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use csi::controller_client::ControllerClient;
 pub use csi::identity_client::IdentityClient;
 pub use csi::node_client::NodeClient;
 
 /// A channel to the CSI endpoint listening on `socket`.
-pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
-    let socket: PathBuf = socket.to_path_buf();
-    // The URI is required by tonic but unused: every connection goes to the socket.
-    Endpoint::from_static("http://[::1]:50051")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        }))
-        .await
-}
+pub use tessera_csi::csi::connect_unix as connect;
 
 /// Whether the plugin on `socket` answers Probe with ready (an unset `ready` means ready, as
 /// the CSI spec says).

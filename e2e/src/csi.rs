@@ -2,12 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use hyper_util::rt::TokioIo;
 use tessera_proto::csi::v1::{
     controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
 };
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::error::{E2eError, Result};
 
@@ -22,12 +20,7 @@ impl CsiConnection {
     /// Connects to `socket`. The URI is a placeholder: the connector ignores it and dials the
     /// socket, as tonic has no unix scheme of its own.
     pub async fn connect(socket: &Path) -> Result<Self> {
-        let path = socket.to_path_buf();
-        let channel = Endpoint::from_static("http://[::1]:50051")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move { UnixStream::connect(path).await.map(TokioIo::new) }
-            }))
+        let channel = tessera_csi::csi::connect_unix(socket)
             .await
             .map_err(|source| E2eError::Connect {
                 socket: socket.to_path_buf(),

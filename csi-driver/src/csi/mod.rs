@@ -26,6 +26,24 @@ pub const PUBLISH_GENERATION: &str = "tessera.io/generation";
 /// (MULTI_NODE_MULTI_WRITER block volume).
 pub const PUBLISH_ACCESS: &str = "tessera.io/access";
 
+/// A gRPC channel to a CSI endpoint on a unix socket, the transport kubelet and the sidecars
+/// use. tonic needs a URI; the connector ignores it and dials the socket.
+pub async fn connect_unix(
+    socket: &Path,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let socket = socket.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://[::1]:50051")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let socket = socket.clone();
+            async move {
+                tokio::net::UnixStream::connect(socket)
+                    .await
+                    .map(hyper_util::rt::TokioIo::new)
+            }
+        }))
+        .await
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

@@ -5,16 +5,14 @@
 
 pub mod cluster;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use tessera_proto::csi::v1::VolumeCapability;
 use tessera_proto::csi::v1::volume_capability::{
     AccessMode, AccessType, BlockVolume, MountVolume, access_mode::Mode,
 };
-use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// A channel to the CSI endpoint at `socket`, waiting (10 s at most) for the socket to appear.
 pub async fn connect(socket: &Path) -> Channel {
@@ -27,14 +25,7 @@ pub async fn connect(socket: &Path) -> Channel {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let path: PathBuf = socket.to_owned();
-    // The URI is required by tonic and ignored by the connector.
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
+    tessera_csi::csi::connect_unix(socket)
         .await
         .expect("CSI socket connects")
 }

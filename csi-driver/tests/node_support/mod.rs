@@ -21,7 +21,7 @@ use tessera_proto::csi::v1::identity_client::IdentityClient;
 use tessera_proto::csi::v1::node_client::NodeClient;
 use tessera_proto::csi::v1::{VolumeCapability, volume_capability};
 use tokio::sync::oneshot;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 /// 1 MiB extents: small volumes stay cheap.
 pub const ES: u64 = 1 << 20;
@@ -355,16 +355,7 @@ pub async fn connect_unix(path: &Path) -> Channel {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    Endpoint::try_from("http://[::]:50051")
-        .expect("endpoint")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    tessera_csi::csi::connect_unix(&path)
         .await
         .expect("connects to the CSI socket")
 }
