@@ -330,6 +330,15 @@ impl NodeControl for TonicNodeControl {
             )
             .await?;
             let status = |s| from_status(&node, s);
+            // Commit, Rollback, Resume and Fence carry nothing but the operation.
+            let step = |op: &OperationRef| {
+                this.request(
+                    pb::RemapStepRequest {
+                        operation: op_ref(op),
+                    },
+                    timeout,
+                )
+            };
             match request {
                 NodeRequest::Stage {
                     op,
@@ -363,43 +372,19 @@ impl NodeControl for TonicNodeControl {
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Commit(op) => {
-                    let req = this.request(
-                        pb::RemapStepRequest {
-                            operation: op_ref(&op),
-                        },
-                        timeout,
-                    )?;
-                    let r = client.commit(req).await.map_err(status)?;
+                    let r = client.commit(step(&op)?).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Rollback(op) => {
-                    let req = this.request(
-                        pb::RemapStepRequest {
-                            operation: op_ref(&op),
-                        },
-                        timeout,
-                    )?;
-                    let r = client.rollback(req).await.map_err(status)?;
+                    let r = client.rollback(step(&op)?).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Resume(op) => {
-                    let req = this.request(
-                        pb::RemapStepRequest {
-                            operation: op_ref(&op),
-                        },
-                        timeout,
-                    )?;
-                    let r = client.resume(req).await.map_err(status)?;
+                    let r = client.resume(step(&op)?).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Fence(op) => {
-                    let req = this.request(
-                        pb::RemapStepRequest {
-                            operation: op_ref(&op),
-                        },
-                        timeout,
-                    )?;
-                    let r = client.fence(req).await.map_err(status)?;
+                    let r = client.fence(step(&op)?).await.map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
                 NodeRequest::Copy {
