@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Resource};
-use tessera_api::model::{ByteRange, ExtentMap, ExtentSize, Generation, ReplicaLocation, Run};
-use tessera_api::v1alpha1::{AttachmentState, VirtualVolume};
+use tessera_api::model::{ByteRange, ExtentMap, Generation, ReplicaLocation};
+use tessera_api::v1alpha1::{
+    AttachmentState, MappedRun, ReplicaLocation as ApiReplica, VirtualVolume, VolumeMapping,
+};
 use tessera_proto::node_control::v1::node_control_server::{NodeControl, NodeControlServer};
 use tessera_proto::node_control::v1::{
     ApplyMappingRequest, ApplyMappingResponse, CopyExtentsRequest, CopyExtentsResponse,
@@ -71,37 +73,30 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The model map of a wire mapping.
+/// The model map of a wire mapping: the same fields as the API's `VolumeMapping`, so it is
+/// validated by the one conversion the API crate owns.
 fn to_model(mapping: &Mapping) -> Result<ExtentMap, String> {
-    let non_negative =
-        |field: &str, v: i64| u64::try_from(v).map_err(|_| format!("{field} {v} is negative"));
-    let extent_size = ExtentSize::new(non_negative("extentSizeBytes", mapping.extent_size_bytes)?)
-        .map_err(|e| e.to_string())?;
-    let mut runs = Vec::with_capacity(mapping.runs.len());
-    for run in &mapping.runs {
-        let replicas = run
-            .replicas
+    let api = VolumeMapping {
+        generation: mapping.generation,
+        extent_size_bytes: mapping.extent_size_bytes,
+        extents: mapping
+            .runs
             .iter()
-            .map(|r| {
-                Ok(ReplicaLocation::new(
-                    r.area.as_str(),
-                    non_negative("areaOffset", r.area_offset)?,
-                ))
+            .map(|run| MappedRun {
+                offset: run.offset,
+                length: run.length,
+                replicas: run
+                    .replicas
+                    .iter()
+                    .map(|r| ApiReplica {
+                        area: r.area.clone(),
+                        area_offset: r.area_offset,
+                    })
+                    .collect(),
             })
-            .collect::<Result<Vec<_>, String>>()?;
-        runs.push(Run::new(
-            non_negative("offset", run.offset)?,
-            non_negative("length", run.length)?,
-            replicas,
-        ));
-    }
-    ExtentMap::from_runs(
-        non_negative("sizeBytes", mapping.size_bytes)?,
-        extent_size,
-        Generation(non_negative("generation", mapping.generation)?),
-        runs,
-    )
-    .map_err(|e| e.to_string())
+            .collect(),
+    };
+    api.to_model(mapping.size_bytes).map_err(|e| e.to_string())
 }
 
 struct Service {
