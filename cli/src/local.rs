@@ -633,10 +633,10 @@ impl Starting {
                 OPERATOR_IDENTITY.into(),
                 "--lease-namespace".into(),
                 "default".into(),
-                // No `--token-file` yet: without it the operator keeps attached volumes out of
-                // reclaim and leaves their remaps Pending. The coordinator path (issue 6) is not
-                // proven end to end against the real node agents; the e2e reclaim scenario
-                // failed with it enabled (a victim's release never finished).
+                // The node-control token: the coordinator quiesces the nodes that use a volume
+                // before it changes the volume's mapping (seed 004).
+                "--token-file".into(),
+                token_file.display().to_string(),
             ],
         )?;
         self.wait(operator, "taking its leader Lease", || {

@@ -121,6 +121,7 @@ async fn quiesce(
     c.quiesce(QuiesceRequest {
         operation: op(id, 1, generation),
         scope,
+        hold_timeout_ms: 0,
     })
     .await
     .map(|r| r.into_inner())

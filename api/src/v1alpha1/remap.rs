@@ -214,6 +214,22 @@ pub enum RemapPhase {
     FailedRecovery,
 }
 
+impl RemapPhase {
+    /// Ended (Succeeded, Failed, FailedRecovery): the mapping no longer changes.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RemapPhase::Succeeded | RemapPhase::Failed | RemapPhase::FailedRecovery
+        )
+    }
+
+    /// Started and not ended: the participants were fixed and the mapping may change under a
+    /// hold. A node that was not a participant must not stage the volume now (seed 004 AS-19).
+    pub fn in_flight(self) -> bool {
+        self != RemapPhase::Pending && !self.is_final()
+    }
+}
+
 /// Observed state of a VolumeRemap.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]

@@ -126,6 +126,34 @@ pub struct VirtualVolumeStatus {
     /// Ready, Degraded, Remapping, ReturnRequested.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Conditions,
+    /// Area ranges an unfinished remap copies this volume into before it commits them (seed
+    /// 004 fourth embodiment). Their lenders hand them to the volume (zeroed first) and grant
+    /// them to its access nodes ahead of the commit, so the copy and the staged map can write
+    /// them. Written by the remap coordinator before its first copy, removed when it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingExtents>,
+}
+
+/// The destinations of the volume's unfinished remap (`status.incoming`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct IncomingExtents {
+    /// The VolumeRemap that reserved them.
+    pub remap: String,
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub ranges: Vec<AreaRange>,
+}
+
+/// A byte range of one StorageArea.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AreaRange {
+    pub area: String,
+    #[schemars(range(min = 0))]
+    pub area_offset: i64,
+    #[schemars(range(min = 1))]
+    pub length: i64,
 }
 
 /// Run-length encoded mapping from volume bytes to area bytes.

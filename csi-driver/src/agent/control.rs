@@ -236,15 +236,17 @@ impl NodeControl for Service {
         // no I/O impact, so the hold later covers only the pointer swap).
         let volume = {
             let mut registry = self.agent.staged.lock().await;
+            if !registry.volumes.contains_key(&volume_id) {
+                return absent_step(&mut registry, &volume_id, &op, AbsentStep::Other);
+            }
             let remote = self
                 .agent
                 .connect_remote_areas(&registry, &volume_id, &map, false)
                 .await
                 .map_err(|e| control_status(&e))?;
-            let entry = registry
-                .volumes
-                .get_mut(&volume_id)
-                .ok_or_else(|| control_status(&AgentError::NotStaged(volume_id.clone())))?;
+            let Some(entry) = registry.volumes.get_mut(&volume_id) else {
+                return absent_step(&mut registry, &volume_id, &op, AbsentStep::Other);
+            };
             entry.remote_areas.extend(remote);
             Arc::clone(&entry.volume)
         };
@@ -260,8 +262,14 @@ impl NodeControl for Service {
     ) -> Result<Response<RemapStepResponse>, Status> {
         let request = request.into_inner();
         let (volume_id, op) = op_ref(request.operation)?;
-        let volume = self.volume(&volume_id).await?;
+        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Quiesce).await {
+            Ok(volume) => volume,
+            Err(answer) => return answer,
+        };
         let scope = hold_scope(request.scope.as_ref(), &volume)?;
+        if request.hold_timeout_ms > 0 {
+            volume.set_hold_timeout(request.hold_timeout_ms);
+        }
         let name = volume_id.clone();
         let (first, rest) = {
             let op = op.clone();
@@ -294,7 +302,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = self.volume(&volume_id).await?;
+        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Other).await {
+            Ok(volume) => volume,
+            Err(answer) => return answer,
+        };
         let effects = volume.gate_control(|gate, _| gate.commit(&volume_id, op));
         self.finish_step(&volume, effects).await
     }
@@ -304,7 +315,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = self.volume(&volume_id).await?;
+        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Other).await {
+            Ok(volume) => volume,
+            Err(answer) => return answer,
+        };
         let effects = volume.gate_control(|gate, _| gate.rollback(&volume_id, op));
         self.finish_step(&volume, effects).await
     }
@@ -314,7 +328,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = self.volume(&volume_id).await?;
+        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Resume).await {
+            Ok(volume) => volume,
+            Err(answer) => return answer,
+        };
         let held_since = volume.held_for_ms();
         let effects = volume.gate_control(|gate, _| gate.resume(&volume_id, op));
         let response = self.finish_step(&volume, effects).await?;
@@ -329,7 +346,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = self.volume(&volume_id).await?;
+        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Resume).await {
+            Ok(volume) => volume,
+            Err(answer) => return answer,
+        };
         let effects = volume.gate_control(|gate, _| gate.fence(&volume_id, op));
         let fenced = effects.iter().any(|e| {
             matches!(
@@ -396,6 +416,25 @@ impl NodeControl for Service {
                     op.operation_id,
                     hold.map(|h| h.operation_id)
                 )));
+            }
+        }
+        // Destinations: claimed for the volume (local) or granted by their lender (remote)
+        // before the first byte is written.
+        {
+            let mut registry = self.agent.staged.lock().await;
+            let remote = self
+                .agent
+                .prepare_copy_destinations(
+                    &registry,
+                    &volume_id,
+                    &destination,
+                    length,
+                    op.generation,
+                )
+                .await
+                .map_err(|e| control_status(&e))?;
+            if let Some(entry) = registry.volumes.get_mut(&volume_id) {
+                entry.remote_areas.extend(remote);
             }
         }
         let copied = volume
@@ -515,7 +554,70 @@ fn split_answer(effects: Vec<Effect>) -> (Option<GateAnswer>, Vec<Effect>) {
     (answer, rest)
 }
 
+/// What a remap step does to a volume that is not staged here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AbsentStep {
+    /// Sets the absent hold: NodeStage of the volume waits for the Resume (AS-19).
+    Quiesce,
+    /// Resume or Fence: the absent hold of this operation ends.
+    Resume,
+    /// Stage, Commit, Rollback: nothing to do.
+    Other,
+}
+
+/// Seed 004's participants are the nodes the volume is published to. One that has not staged
+/// it (published, NodeStage not run yet, or already unstaged) has no I/O of it in flight and
+/// no map to switch, so each step is done at once; the answer's state is `Absent`. Called
+/// under the registry lock, so a NodeStage either ran before (and the volume is staged) or
+/// sees the absent hold.
+fn absent_step(
+    registry: &mut super::staging::Registry,
+    volume_id: &str,
+    op: &OpRef,
+    step: AbsentStep,
+) -> Result<Response<RemapStepResponse>, Status> {
+    match step {
+        AbsentStep::Quiesce => {
+            registry
+                .absent_holds
+                .insert(volume_id.to_string(), op.operation_id.clone());
+        }
+        AbsentStep::Resume => {
+            if registry.absent_holds.get(volume_id) == Some(&op.operation_id) {
+                registry.absent_holds.remove(volume_id);
+            }
+        }
+        AbsentStep::Other => {}
+    }
+    tracing::debug!(volume = volume_id, operation = %op.operation_id, ?step,
+        "remap step for a volume not staged here: done (nothing in flight)");
+    Ok(Response::new(RemapStepResponse {
+        state: ABSENT.into(),
+        active_generation: 0,
+        redispatched: 0,
+        hold_ms: 0,
+    }))
+}
+
+/// The state a remap step reports for a volume this node has not staged.
+pub const ABSENT: &str = "Absent";
+
 impl Service {
+    /// The staged volume, or the answer of [`absent_step`] when it is not staged here.
+    #[allow(clippy::result_large_err)]
+    async fn staged_or_absent(
+        &self,
+        volume_id: &str,
+        op: &OpRef,
+        step: AbsentStep,
+    ) -> Result<Arc<Volume>, Result<Response<RemapStepResponse>, Status>> {
+        let mut registry = self.agent.staged.lock().await;
+        match registry.volumes.get(volume_id) {
+            Some(v) => Ok(Arc::clone(&v.volume)),
+            None => Err(absent_step(&mut registry, volume_id, op, step)),
+        }
+    }
+
     #[allow(clippy::result_large_err)]
     async fn volume(&self, volume_id: &str) -> Result<Arc<Volume>, Status> {
         let registry = self.agent.staged.lock().await;

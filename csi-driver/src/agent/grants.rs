@@ -19,7 +19,7 @@ use kube::api::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tessera_api::model::{AreaId, Generation};
-use tessera_api::v1alpha1::VirtualVolume;
+use tessera_api::v1alpha1::{AttachmentState, VirtualVolume};
 use tessera_nbd::Permission;
 use tokio::sync::watch;
 
@@ -38,11 +38,24 @@ pub struct VolumeGrants {
 /// published, or nothing of it on this node's areas).
 pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option<VolumeGrants> {
     let mapping = volume.status.as_ref()?.mapping.as_ref()?;
+    // A node the remap coordinator fenced loses its grants here (seed 004 611/617: an excluded
+    // node that is alive but unreachable must not write the areas any more).
+    let fenced: BTreeSet<&str> = volume
+        .status
+        .as_ref()
+        .map(|s| {
+            s.attachments
+                .iter()
+                .filter(|a| a.state == AttachmentState::Fenced)
+                .map(|a| a.node.as_str())
+                .collect()
+        })
+        .unwrap_or_default();
     let peers: BTreeSet<String> = volume
         .spec
         .access_nodes()
         .into_iter()
-        .filter(|n| *n != node)
+        .filter(|n| *n != node && !fenced.contains(n))
         .map(str::to_string)
         .collect();
     if peers.is_empty() {
@@ -65,6 +78,13 @@ pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option
             ));
         }
     }
+    // An unfinished remap's destinations: the copy and the staged map write them before the
+    // commit records them (docs/remap.md §5a "Grants").
+    for (area, range) in incoming_ranges(volume) {
+        if local.contains(&area) {
+            ranges.push((area, range, Permission::ReadWrite));
+        }
+    }
     if ranges.is_empty() {
         return None;
     }
@@ -73,6 +93,22 @@ pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option
         peers,
         ranges,
     })
+}
+
+/// `status.incoming` as area ranges (invalid entries are skipped: nothing is granted for them).
+pub fn incoming_ranges(volume: &VirtualVolume) -> Vec<(AreaId, Range<u64>)> {
+    let Some(incoming) = volume.status.as_ref().and_then(|s| s.incoming.as_ref()) else {
+        return Vec::new();
+    };
+    incoming
+        .ranges
+        .iter()
+        .filter_map(|r| {
+            let start = u64::try_from(r.area_offset).ok()?;
+            let length = u64::try_from(r.length).ok().filter(|l| *l > 0)?;
+            Some((AreaId::new(r.area.as_str()), start..start.checked_add(length)?))
+        })
+        .collect()
 }
 
 /// The ownership step, then the grants: ranges whose zeroing or recording failed (or that a

@@ -137,6 +137,11 @@ pub enum AgentError {
     },
     #[error("volume {volume}: mapping change needs a hold (not supported yet): {detail}")]
     NotGrowth { volume: String, detail: String },
+    #[error(
+        "volume {volume}: remap {remap} is in flight; this node can stage the volume once it \
+         ends (seed 004 AS-19)"
+    )]
+    RemapInFlight { volume: String, remap: String },
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("volume {volume}: {source}")]

@@ -257,6 +257,22 @@ fn local_ranges(
     out.into_iter().map(|(a, r)| (a, merge(r))).collect()
 }
 
+/// The ranges of this node's areas a volume holds: its committed mapping and the destinations
+/// of its unfinished remap (`status.incoming`, reserved for it by the operator).
+fn volume_ranges(
+    volume: &VirtualVolume,
+    committed: &ExtentMap,
+    is_local: impl Fn(&AreaId) -> bool,
+) -> BTreeMap<AreaId, Vec<Range<u64>>> {
+    let mut out = local_ranges(committed, &is_local);
+    for (area, range) in super::grants::incoming_ranges(volume) {
+        if is_local(&area) {
+            out.entry(area).or_default().push(range);
+        }
+    }
+    out.into_iter().map(|(a, r)| (a, merge(r))).collect()
+}
+
 fn committed_map(volume: &VirtualVolume) -> Option<ExtentMap> {
     let mapping = volume.status.as_ref()?.mapping.as_ref()?;
     mapping.to_model_committed(volume.spec.size_bytes).ok()
@@ -403,7 +419,7 @@ impl Ownership {
             return Ok(0);
         };
         let mut areas = self.areas.lock().await;
-        let seen = local_ranges(&map, |a| areas.contains_key(a));
+        let seen = volume_ranges(volume, &map, |a| areas.contains_key(a));
         if !has_foreign(&areas, &seen, &uid) {
             return Ok(0);
         }
@@ -419,7 +435,7 @@ impl Ownership {
         let Some(map) = committed_map(&fresh) else {
             return Ok(0);
         };
-        let current = local_ranges(&map, |a| areas.contains_key(a));
+        let current = volume_ranges(&fresh, &map, |a| areas.contains_key(a));
         let parts = foreign_parts(&areas, &current, &uid);
         self.zero_and_record(&mut areas, &uid, parts, map.generation())
             .await
@@ -491,6 +507,41 @@ impl Ownership {
             }
         }
         self.zero_and_record(&mut areas, &uid, parts, map.generation())
+            .await
+    }
+
+    /// Before a remap copies `volume` into `ranges` of this node's areas (CopyExtents): the
+    /// parts the volume does not own yet are zeroed and recorded. The destinations are the
+    /// operator's reservation (`status.incoming`), trusted like a staged map; claiming them
+    /// before the copy is what keeps the later Stage (or the lender's watch) from zeroing the
+    /// copied bytes. Returns the bytes zeroed.
+    pub(crate) async fn claim_destinations(
+        &self,
+        client: &kube::Client,
+        volume: &str,
+        ranges: Vec<(AreaId, Range<u64>)>,
+        generation: Generation,
+    ) -> Result<u64, AgentError> {
+        let mut areas = self.areas.lock().await;
+        let mut wanted: BTreeMap<AreaId, Vec<Range<u64>>> = BTreeMap::new();
+        for (area, range) in ranges {
+            if areas.contains_key(&area) {
+                wanted.entry(area).or_default().push(range);
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        let wanted = wanted.into_iter().map(|(a, r)| (a, merge(r))).collect();
+        let api: Api<VirtualVolume> = Api::all(client.clone());
+        let uid = api
+            .get_opt(volume)
+            .await
+            .map_err(|e| AgentError::api(format!("get VirtualVolume {volume}"), e))?
+            .and_then(|v| v.uid())
+            .ok_or_else(|| AgentError::VolumeNotFound(volume.into()))?;
+        let parts = foreign_parts(&areas, &wanted, &uid);
+        self.zero_and_record(&mut areas, &uid, parts, generation)
             .await
     }
 

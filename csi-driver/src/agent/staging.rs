@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 use kube::api::Api;
 use serde::{Deserialize, Serialize};
-use tessera_api::model::{AreaId, ExtentMap, Placement, diff};
+use tessera_api::model::{AreaId, ExtentMap, Generation, Placement, ReplicaLocation, diff};
 use tessera_api::v1alpha1::{
-    DataPriority, StorageArea, StoragePriorityClass, VirtualVolume, VolumeMapping,
+    DataPriority, RemapPhase, StorageArea, StoragePriorityClass, VirtualVolume, VolumeMapping,
+    VolumeRemap,
 };
 use tessera_nbd::Credentials;
 
@@ -36,6 +37,8 @@ use crate::frontend::{AttachTarget, Attachment, Frontend, FrontendKind, detect_a
 /// How long staging waits for a lender to grant this node its ranges (the lender's watch runs
 /// independently of the controller's publish).
 const GRANT_WAIT: Duration = Duration::from_secs(20);
+/// How long NodeStage waits for an in-flight remap of the volume before answering UNAVAILABLE.
+const REMAP_WAIT: Duration = Duration::from_secs(20);
 
 /// How the CO uses a staged volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +135,11 @@ impl StagedVolume {
 #[derive(Default)]
 pub struct Registry {
     pub volumes: BTreeMap<String, StagedVolume>,
+    /// Volumes a remap holds while they are not staged here: the node answered the remap's
+    /// steps for them vacuously (nothing in flight), so it must not stage them before the
+    /// operation resumes (volume → operation id). In memory only: after a restart the
+    /// VolumeRemap's phase says the same ([`Agent::wait_for_remaps`]).
+    pub absent_holds: BTreeMap<String, String>,
 }
 
 impl Registry {
@@ -317,7 +325,6 @@ impl Agent {
                 }
             }
         }
-        let areas: Api<StorageArea> = Api::all(self.client.clone());
         let deadline = Instant::now() + GRANT_WAIT;
         for (area, offset) in &first_range {
             let unreachable = |reason: String| AgentError::AreaUnreachable {
@@ -325,38 +332,8 @@ impl Agent {
                 area: area.to_string(),
                 reason,
             };
-            if !registry.remote_in_use(area) || !self.registry.contains(area) {
-                let object = areas
-                    .get_opt(area.as_str())
-                    .await
-                    .map_err(|e| AgentError::api(format!("get StorageArea {area}"), e))?
-                    .ok_or_else(|| unreachable("no such StorageArea".into()))?;
-                let endpoint = object
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.extent_server.clone())
-                    .ok_or_else(|| unreachable("its node published no extent server".into()))?;
-                let remote = loop {
-                    match RemoteArea::connect(
-                        area.clone(),
-                        endpoint.clone(),
-                        Credentials::new(self.config.node_id.clone(), self.config.token.clone()),
-                        RemoteAreaConfig::default(),
-                    )
-                    .await
-                    {
-                        Ok(remote) => break remote,
-                        Err(error) if Instant::now() < deadline => {
-                            tracing::debug!(%area, %error, "remote area not granted yet; retrying");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                        }
-                        Err(error) => return Err(unreachable(error.to_string())),
-                    }
-                };
-                if let Some(old) = self.registry.insert(Arc::new(remote)) {
-                    tracing::debug!(%area, ?old, "remote area reconnected");
-                }
-            }
+            self.connect_remote_area(registry, volume, area, deadline)
+                .await?;
             if !probe {
                 continue;
             }
@@ -378,6 +355,110 @@ impl Agent {
             }
         }
         Ok(first_range.into_keys().collect())
+    }
+
+    /// Connects remote `area` unless a staged volume already uses its connection (retrying
+    /// until `deadline`: the lender may not show the area to this node before its grant).
+    async fn connect_remote_area(
+        &self,
+        registry: &Registry,
+        volume: &str,
+        area: &AreaId,
+        deadline: Instant,
+    ) -> Result<(), AgentError> {
+        let unreachable = |reason: String| AgentError::AreaUnreachable {
+            volume: volume.into(),
+            area: area.to_string(),
+            reason,
+        };
+        let areas: Api<StorageArea> = Api::all(self.client.clone());
+        if !registry.remote_in_use(area) || !self.registry.contains(area) {
+            let object = areas
+                .get_opt(area.as_str())
+                .await
+                .map_err(|e| AgentError::api(format!("get StorageArea {area}"), e))?
+                .ok_or_else(|| unreachable("no such StorageArea".into()))?;
+            let endpoint = object
+                .status
+                .as_ref()
+                .and_then(|s| s.extent_server.clone())
+                .ok_or_else(|| unreachable("its node published no extent server".into()))?;
+            let remote = loop {
+                match RemoteArea::connect(
+                    area.clone(),
+                    endpoint.clone(),
+                    Credentials::new(self.config.node_id.clone(), self.config.token.clone()),
+                    RemoteAreaConfig::default(),
+                )
+                .await
+                {
+                    Ok(remote) => break remote,
+                    Err(error) if Instant::now() < deadline => {
+                        tracing::debug!(%area, %error, "remote area not granted yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(error) => return Err(unreachable(error.to_string())),
+                }
+            };
+            if let Some(old) = self.registry.insert(Arc::new(remote)) {
+                tracing::debug!(%area, ?old, "remote area reconnected");
+            }
+        }
+        Ok(())
+    }
+
+    /// Before CopyExtents writes `length` bytes of `volume` to `destinations`: local ranges are
+    /// claimed for the volume (zeroed first if another volume owned them), remote areas are
+    /// connected and probed until their lender grants the range (its watch installs
+    /// `status.incoming` independently of this call). Returns the remote areas connected.
+    pub(crate) async fn prepare_copy_destinations(
+        &self,
+        registry: &Registry,
+        volume: &str,
+        destinations: &[ReplicaLocation],
+        length: u64,
+        generation: Generation,
+    ) -> Result<BTreeSet<AreaId>, AgentError> {
+        let ranges = destinations
+            .iter()
+            .map(|d| (d.area.clone(), d.area_offset..d.area_offset + length))
+            .collect();
+        let zeroed = self
+            .ownership
+            .claim_destinations(&self.client, volume, ranges, generation)
+            .await?;
+        if zeroed > 0 {
+            tracing::info!(volume, zeroed, "copy destinations zeroed for their new owner");
+        }
+        let mut remote = BTreeSet::new();
+        let deadline = Instant::now() + GRANT_WAIT;
+        for d in destinations.iter().filter(|d| !self.local_areas.contains(&d.area)) {
+            self.connect_remote_area(registry, volume, &d.area, deadline)
+                .await?;
+            let backend = self.registry.get(&d.area).ok_or_else(|| AgentError::AreaUnreachable {
+                volume: volume.into(),
+                area: d.area.to_string(),
+                reason: "not registered".into(),
+            })?;
+            loop {
+                match backend.read(generation, d.area_offset, 512).await {
+                    Ok(_) => break,
+                    Err(error) if Instant::now() < deadline => {
+                        tracing::debug!(area = %d.area, %error, "copy destination not granted yet");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(error) => {
+                        return Err(AgentError::AreaUnreachable {
+                            volume: volume.into(),
+                            area: d.area.to_string(),
+                            reason: format!("copy destination not granted: {error}"),
+                        });
+                    }
+                }
+            }
+            remote.insert(d.area.clone());
+        }
+        Ok(remote)
     }
 
     /// Disconnects remote areas no staged volume uses any more.
@@ -415,9 +496,75 @@ impl Agent {
         }
     }
 
+    /// Seed 004 AS-19: a remap's participants are fixed when it starts, so a node that stages
+    /// the volume meanwhile would serve a mapping the remap then changes without it. NodeStage
+    /// waits (up to [`REMAP_WAIT`]) until no VolumeRemap of the volume is in flight, then
+    /// reads the committed mapping; after that it answers UNAVAILABLE and the CO retries.
+    /// Returns the operation ids (uids) of the volume's remaps that have ended.
+    pub(crate) async fn wait_for_remaps(&self, volume: &str) -> Result<BTreeSet<String>, AgentError> {
+        let api: Api<VolumeRemap> = Api::all(self.client.clone());
+        let deadline = Instant::now() + REMAP_WAIT;
+        loop {
+            let remaps = api
+                .list(&Default::default())
+                .await
+                .map_err(|e| AgentError::api("list VolumeRemaps", e))?;
+            let in_flight = remaps.items.iter().find(|r| {
+                r.spec.volume_name == volume
+                    && r.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_some_and(RemapPhase::in_flight)
+            });
+            let Some(remap) = in_flight else {
+                return Ok(remaps
+                    .items
+                    .iter()
+                    .filter(|r| {
+                        r.spec.volume_name == volume
+                            && r.status
+                                .as_ref()
+                                .and_then(|s| s.phase)
+                                .is_some_and(RemapPhase::is_final)
+                    })
+                    .filter_map(|r| r.uid())
+                    .collect());
+            };
+            if Instant::now() >= deadline {
+                return Err(AgentError::RemapInFlight {
+                    volume: volume.into(),
+                    remap: remap.name_any(),
+                });
+            }
+            tracing::info!(volume, remap = %remap.name_any(), "NodeStage waits for the remap to end");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// NodeStageVolume.
     pub async fn stage(&self, req: StageRequest) -> Result<(), AgentError> {
+        // Not under the registry lock: the wait must not stall the other volumes' remap steps.
+        let already = self.staged.lock().await.volumes.contains_key(&req.volume_id);
+        let ended = if already {
+            BTreeSet::new()
+        } else {
+            self.wait_for_remaps(&req.volume_id).await?
+        };
         let mut registry = self.staged.lock().await;
+        if !registry.volumes.contains_key(&req.volume_id)
+            && let Some(operation) = registry.absent_holds.get(&req.volume_id).cloned()
+        {
+            // A hold whose remap has ended was left by a Resume that never came (the node
+            // was excluded, or the operator gave up); one of a remap started since the read
+            // above is not in `ended` and still counts.
+            if !ended.contains(&operation) {
+                return Err(AgentError::RemapInFlight {
+                    volume: req.volume_id.clone(),
+                    remap: operation,
+                });
+            }
+            registry.absent_holds.remove(&req.volume_id);
+        }
         if let Some(existing) = registry.volumes.get(&req.volume_id) {
             if existing.staging_path != req.staging_path {
                 return Err(AgentError::AlreadyStaged {

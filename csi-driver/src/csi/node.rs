@@ -198,7 +198,9 @@ pub fn status_of(error: &AgentError) -> Status {
         AgentError::AlreadyStaged { .. } | AgentError::AlreadyPublished { .. } => {
             Status::already_exists(message)
         }
-        AgentError::AreaUnreachable { .. } => Status::unavailable(message),
+        AgentError::AreaUnreachable { .. } | AgentError::RemapInFlight { .. } => {
+            Status::unavailable(message)
+        }
         AgentError::Unsupported(_) => Status::internal(message),
         AgentError::Mount(crate::agent::mounts::MountError::UnsupportedFs(_)) => {
             Status::invalid_argument(message)

@@ -55,16 +55,6 @@ pub enum GrantError {
         offered: Generation,
         current: Generation,
     },
-    /// Same generation as the installed grant, but different ranges: the control plane
-    /// contradicts itself, and neither version can be trusted over the other.
-    #[error(
-        "grant of volume {volume} to {peer} at generation {generation} differs from the installed one"
-    )]
-    ConflictingGrant {
-        peer: String,
-        volume: String,
-        generation: Generation,
-    },
     #[error("area {area} is not served by this node")]
     UnknownArea { area: AreaId },
     #[error("range {start}..{end} of area {area} is empty, unaligned or outside its {size} bytes")]
@@ -115,9 +105,9 @@ impl ExtentAuthorization {
     /// replacing the volume's previous grant to that peer.
     ///
     /// - An older generation than the installed (or last revoked) one is refused
-    ///   ([`GrantError::StaleGeneration`]); the same generation with the same ranges is accepted
-    ///   as a retry; the same generation with other ranges is refused
-    ///   ([`GrantError::ConflictingGrant`]).
+    ///   ([`GrantError::StaleGeneration`]). The same generation replaces the installed ranges:
+    ///   a remap's destinations (`status.incoming`) widen a grant before their generation is
+    ///   committed, and the watch that computes grants delivers the volume's versions in order.
     /// - Every range must be non-empty, sector-aligned and inside an area this node serves.
     /// - An empty `grants` list installs the generation with no access (like a revocation).
     ///
@@ -161,15 +151,6 @@ impl ExtentAuthorization {
                     volume: volume.to_owned(),
                     offered: generation,
                     current: prev.generation,
-                });
-            }
-            // Same generation: a retry of the installed grant, or a re-attach after a revocation
-            // (the tombstone has no ranges), is fine; anything else contradicts the installed one.
-            if generation == prev.generation && !prev.grants.is_empty() && prev.grants != grants {
-                return Err(GrantError::ConflictingGrant {
-                    peer: peer.to_owned(),
-                    volume: volume.to_owned(),
-                    generation,
                 });
             }
         }
@@ -313,16 +294,20 @@ mod tests {
         assert!(may(&t, "node-a", "b2", AccessKind::Write, MIB));
         let stale = t.grant_volume("node-a", "v", Generation(1), vec![g("b1", 0..MIB, rw)]);
         assert!(matches!(stale, Err(GrantError::StaleGeneration { .. })));
-        // A retry of the installed grant is fine, a contradicting one is not.
+        // The same generation replaces the ranges (a remap's destinations join before their
+        // generation is committed, then the source ranges leave).
         t.grant_volume(
             "node-a",
             "v",
             Generation(2),
-            vec![g("b2", MIB..2 * MIB, rw)],
+            vec![g("b2", MIB..2 * MIB, rw), g("b1", 0..MIB, rw)],
         )
-        .expect("retry");
-        let conflict = t.grant_volume("node-a", "v", Generation(2), vec![g("b2", 0..MIB, rw)]);
-        assert!(matches!(conflict, Err(GrantError::ConflictingGrant { .. })));
+        .expect("widened at the same generation");
+        assert!(may(&t, "node-a", "b1", AccessKind::Write, 0));
+        t.grant_volume("node-a", "v", Generation(2), vec![g("b1", 0..MIB, rw)])
+            .expect("narrowed at the same generation");
+        assert!(!may(&t, "node-a", "b2", AccessKind::Read, MIB));
+        assert!(may(&t, "node-a", "b1", AccessKind::Read, 0));
         assert_eq!(t.generation("node-a", "v"), Some(Generation(2)));
     }
 

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_api::model::{ByteRange, Edit, ExtentMap, Generation, ReplicaLocation as ModelReplica};
 use tessera_api::v1alpha1::{
-    AttachmentState, ReclaimTier, RemapOperationType, RemapPhase, ReplicaLocation, VirtualVolume,
+    AreaRange, AttachmentState, IncomingExtents, ReclaimTier, RemapOperationType, RemapPhase, ReplicaLocation, VirtualVolume,
     VolumeLayout, VolumeMapping, VolumeRemap,
 };
 use tokio::sync::mpsc;
@@ -58,6 +58,10 @@ use crate::planners::{ExtentRange, coalesce, total_len};
 
 /// The coordinator's write-ahead record on the VolumeRemap.
 pub const STATE_ANNOTATION: &str = "tessera.io/remap-state";
+
+/// The state a node reports for a step on a volume it has not staged (nothing in flight, so
+/// the step is done at once; `tessera_csi::agent::control::ABSENT`).
+pub const ABSENT_STATE: &str = "Absent";
 
 /// What the operation does, planned once before it starts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -609,6 +613,9 @@ impl Driver {
     }
 
     async fn run(mut self) -> Result<Action> {
+        if !self.record.state.is_finished() {
+            self.set_incoming().await?;
+        }
         while !self.record.state.is_finished() {
             tokio::select! {
                 input = self.rx.recv() => match input {
@@ -888,6 +895,7 @@ impl Driver {
                 NodeRequest::Quiesce {
                     op,
                     ranges: self.record.scope(),
+                    hold_timeout_ms: policy.hold_timeout_ms.max(0) as u64,
                 },
                 policy.quiesce_timeout_ms,
             ),
@@ -950,12 +958,16 @@ impl Driver {
                 .call(node, NodeRequest::Fence(op), Duration::from_secs(2)),
         )
         .await;
-        if !matches!(answer, Ok(Ok(_))) {
-            tracing::warn!(
+        match &answer {
+            // The node has not staged the volume: nothing to cut, and no attachment to mark
+            // (one would keep the volume "attached" to a node that never used it).
+            Ok(Ok(a)) if a.state == ABSENT_STATE => return Ok(()),
+            Ok(Ok(_)) => {}
+            _ => tracing::warn!(
                 node,
                 cause,
                 "fence not acknowledged by the node; marked Fenced"
-            );
+            ),
         }
         let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
         for _ in 0..10 {
@@ -1051,10 +1063,80 @@ impl Driver {
         });
     }
 
+    /// `VirtualVolume.status.incoming` := this move's destinations, before anything is copied:
+    /// their lenders zero them for the volume and grant them to its access nodes ahead of the
+    /// commit (docs/remap.md §5a "Grants"). Idempotent; a release has no destinations.
+    async fn set_incoming(&self) -> Result<()> {
+        let Some(dest) = destination_mapping(&self.record) else {
+            return Ok(());
+        };
+        let ranges: Vec<AreaRange> = dest
+            .extents
+            .iter()
+            .flat_map(|run| {
+                run.replicas.iter().map(|r| AreaRange {
+                    area: r.area.clone(),
+                    area_offset: r.area_offset,
+                    length: run.length,
+                })
+            })
+            .collect();
+        let incoming = IncomingExtents {
+            remap: self.name(),
+            ranges,
+        };
+        let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
+        patch_status(
+            &volumes,
+            &self.record.volume,
+            json!({ "incoming": incoming }),
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Removes `status.incoming` if this operation wrote it: destinations that go back to the
+    /// pool must not stay granted to the volume's nodes. Errors propagate (the reconcile retries
+    /// `finish`), and the reservation is released only afterwards.
+    async fn clear_incoming(&self) -> Result<()> {
+        let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
+        for _ in 0..10 {
+            let Some(volume) = volumes.get_opt(&self.record.volume).await? else {
+                return Ok(());
+            };
+            let ours = volume
+                .status
+                .as_ref()
+                .and_then(|s| s.incoming.as_ref())
+                .is_some_and(|i| i.remap == self.name());
+            if !ours {
+                return Ok(());
+            }
+            match patch_status(
+                &volumes,
+                &self.record.volume,
+                json!({ "incoming": null }),
+                volume.resource_version().as_deref(),
+            )
+            .await
+            {
+                Ok(_) => return Ok(()),
+                Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::Stale(format!(
+            "VirtualVolume {}: status.incoming kept conflicting",
+            self.record.volume
+        )))
+    }
+
     /// The operation ended: reservations, claim events, metrics.
     async fn finish(&mut self) -> Result<()> {
         let s = self.record.state.clone();
         let name = self.name();
+        self.clear_incoming().await?;
         {
             let mut book = self.ctx.allocator.lock().await;
             if s.phase == RemapPhase::Succeeded {

@@ -46,6 +46,8 @@ pub enum NodeRequest {
     Quiesce {
         op: OperationRef,
         ranges: Vec<(i64, i64)>,
+        /// The remap's `holdTimeoutMs` (the node's hold timer).
+        hold_timeout_ms: u64,
     },
     Commit(OperationRef),
     Rollback(OperationRef),
@@ -355,8 +357,13 @@ impl NodeControl for TonicNodeControl {
                         .map_err(status)?;
                     Ok(step_answer(r.into_inner()))
                 }
-                NodeRequest::Quiesce { op, ranges } => {
+                NodeRequest::Quiesce {
+                    op,
+                    ranges,
+                    hold_timeout_ms,
+                } => {
                     let message = pb::QuiesceRequest {
+                        hold_timeout_ms,
                         operation: op_ref(&op),
                         scope: Some(pb::HoldScope {
                             ranges: ranges
