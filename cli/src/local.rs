@@ -65,6 +65,8 @@ pub struct LocalConfig {
     pub ready_timeout: Duration,
     /// Show a progress line on stderr while starting.
     pub progress: bool,
+    /// Extra environment of every child (tests: `FAILPOINTS` of a build with fail points).
+    pub env: Vec<(String, String)>,
 }
 
 impl LocalConfig {
@@ -78,6 +80,7 @@ impl LocalConfig {
             heartbeat_seconds: 5,
             ready_timeout: Duration::from_secs(60),
             progress: false,
+            env: Vec::new(),
         }
     }
 }
@@ -359,6 +362,7 @@ impl LocalCluster {
             death_tx,
             timeout: config.ready_timeout,
             interrupt,
+            env: config.env.clone(),
         };
         match starting.run(&config, &progress).await {
             Ok((client, endpoints)) => {
@@ -565,6 +569,7 @@ struct Starting {
     death_tx: mpsc::UnboundedSender<ChildDeath>,
     timeout: Duration,
     interrupt: watch::Receiver<bool>,
+    env: Vec<(String, String)>,
 }
 
 impl Starting {
@@ -792,6 +797,7 @@ impl Starting {
             .env_remove("POD_NAMESPACE")
             .env_remove("CSI_ENDPOINT")
             .env_remove("TESSERA_APISERVER_DATA_DIR")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             // Own process group: a Ctrl-C in the terminal reaches `tessera local` only, which
             // then stops the children in order.
             .process_group(0)

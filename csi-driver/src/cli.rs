@@ -82,6 +82,9 @@ pub async fn run(cli: Cli, shutdown: impl std::future::Future<Output = ()> + Sen
             .await
         }
         Mode::Node => {
+            // Test builds only: FAILPOINTS (fail crate syntax) arms the node's fail points.
+            #[cfg(feature = "failpoints")]
+            let _failpoints = fail::FailScenario::setup();
             crate::csi::node::serve(&cli.driver_name, client, cli.node, socket, shutdown).await
         }
     }

@@ -38,6 +38,9 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.tessera.io/node";
 pub enum Access {
     /// volumeMode: Block (the pod gets the device node).
     Block,
+    /// volumeMode: Block, ReadWriteMany (MULTI_NODE_MULTI_WRITER): published to several nodes
+    /// at once, each translating the volume itself (every remap quiesces all of them).
+    SharedBlock,
     /// A filesystem of this type, mounted at the staging path and bind mounted into the pod.
     Mount { fs_type: String },
 }
@@ -46,15 +49,18 @@ impl Access {
     pub fn capability(&self) -> VolumeCapability {
         VolumeCapability {
             access_type: Some(match self {
-                Access::Block => AccessType::Block(BlockVolume {}),
+                Access::Block | Access::SharedBlock => AccessType::Block(BlockVolume {}),
                 Access::Mount { fs_type } => AccessType::Mount(MountVolume {
                     fs_type: fs_type.clone(),
                     ..Default::default()
                 }),
             }),
-            // ReadWriteOnce: seed 001's one borrower at a time ([0028]).
             access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
+                mode: match self {
+                    Access::SharedBlock => Mode::MultiNodeMultiWriter as i32,
+                    // ReadWriteOnce: seed 001's one borrower at a time ([0028]).
+                    _ => Mode::SingleNodeWriter as i32,
+                },
             }),
         }
     }

@@ -279,6 +279,10 @@ impl NodeControl for Service {
         };
         // The hold record is on disk before anything is answered (§11.4).
         self.carry_out(&volume, rest).await?;
+        if injected("tessera-node-quiesce-crash", &self.agent.config.node_id) {
+            tracing::error!(volume = %volume_id, "crashing inside the quiesce (fail point)");
+            std::process::abort();
+        }
         if let Some(answer) = first {
             return self.respond(&volume, answer);
         }
@@ -306,6 +310,11 @@ impl NodeControl for Service {
             Ok(volume) => volume,
             Err(answer) => return answer,
         };
+        if injected("tessera-node-commit", &self.agent.config.node_id) {
+            return Err(Status::failed_precondition(
+                "commit failed: injected fault (fail point tessera-node-commit)",
+            ));
+        }
         let effects = volume.gate_control(|gate, _| gate.commit(&volume_id, op));
         self.finish_step(&volume, effects).await
     }
@@ -332,11 +341,12 @@ impl NodeControl for Service {
             Ok(volume) => volume,
             Err(answer) => return answer,
         };
-        let held_since = volume.held_for_ms();
+        let held = volume.held_for();
         let effects = volume.gate_control(|gate, _| gate.resume(&volume_id, op));
         let response = self.finish_step(&volume, effects).await?;
-        if let Some(ms) = held_since {
-            tracing::info!(volume = %volume_id, hold_ms = ms, "hold released");
+        if let Some(held) = held {
+            // docs/benchmarks/remap.md reads the hold windows from this line.
+            tracing::info!(volume = %volume_id, hold_us = held.as_micros() as u64, "hold released");
         }
         Ok(response)
     }
@@ -472,6 +482,20 @@ impl NodeControl for Service {
             operation_id: view.operation_id.unwrap_or_default(),
             attempt: view.attempt,
         }))
+    }
+}
+
+/// Whether fail point `name` is armed for this node: `FAILPOINTS="<name>=return(<node>)"`
+/// (`1*return(<node>)` fires once). Always false without the `failpoints` feature.
+fn injected(name: &str, node: &str) -> bool {
+    #[cfg(feature = "failpoints")]
+    {
+        fail::eval(name, |arg| arg.as_deref() == Some(node)).unwrap_or(false)
+    }
+    #[cfg(not(feature = "failpoints"))]
+    {
+        let _ = (name, node);
+        false
     }
 }
 

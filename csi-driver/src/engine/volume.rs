@@ -129,7 +129,7 @@ pub struct Volume {
     /// The gate's clock origin (monotonic).
     epoch: Instant,
     /// When the current hold was set (gate clock), for the hold window reported at resume.
-    hold_since: Mutex<Option<Millis>>,
+    hold_since: Mutex<Option<std::time::Instant>>,
     areas: Arc<AreaRegistry>,
     health: ReplicaHealth,
     usage: UsageTracker,
@@ -320,7 +320,7 @@ impl Volume {
             let mut since = self.hold_since.lock();
             match (cell.gate.state(), *since) {
                 (GateState::Running, _) => *since = None,
-                (_, None) => *since = Some(now),
+                (_, None) => *since = Some(std::time::Instant::now()),
                 _ => {}
             }
         }
@@ -521,8 +521,13 @@ impl Volume {
 
     /// How long the current hold has been set, in ms (None when not held).
     pub fn held_for_ms(&self) -> Option<u64> {
-        let since = (*self.hold_since.lock())?;
-        Some(self.now_ms().saturating_sub(since))
+        self.held_for().map(|d| d.as_millis() as u64)
+    }
+
+    /// How long the current hold has been set (None when not held): the hold window the
+    /// benchmark reports, from the Quiesce that set it to the Resume that clears it.
+    pub fn held_for(&self) -> Option<std::time::Duration> {
+        Some((*self.hold_since.lock())?.elapsed())
     }
 
     /// Sets the hold timer 215 of the volume's gate.
