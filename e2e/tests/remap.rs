@@ -1,0 +1,492 @@
+//! Seed 004 with real processes and real I/O: `tessera local` with three node agents, one
+//! MULTI_NODE_MULTI_WRITER Block volume staged on all three, `fio --verify=crc32c` writing
+//! through each node's NBD export (disjoint thirds of the volume, verified continuously with
+//! `verify_backlog`), and a VolumeRemap that moves every extent to other areas while the load
+//! runs.
+//!
+//! - `remap_moves_every_extent_under_fio_verify_on_three_nodes`: Succeeded; no verify error, no
+//!   I/O error; every extent on another area; the volume's bytes equal the area bytes the new
+//!   mapping points at.
+//! - `remap_excludes_and_fences_a_node_killed_inside_the_quiesce` (AS-08 with a real crash:
+//!   fail point `tessera-node-quiesce-crash` aborts node-c after it set its hold): node-c is
+//!   excluded and fenced, the other two carry on, their fio sees no error.
+//! - `remap_rolls_back_everywhere_when_one_node_fails_its_commit` (AS-12: fail point
+//!   `tessera-node-commit` refuses node-b's first commit): rolled back everywhere, Failed, the
+//!   mapping unchanged, nothing lost.
+//!
+//! A custom `main` (`harness = false`): this binary is also the child executable of the local
+//! cluster. Arguments select scenarios by name; `--list` lists them. Needs `fio` with its `nbd`
+//! engine (CI installs it); without it the scenarios print why they skip.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use kube::Api;
+use kube::api::PostParams;
+use tessera::local::{LocalCluster, LocalConfig};
+use tessera_api::v1alpha1::{
+    AttachmentState, CopyMode, CopyPolicy, MoveRanges, RemapOperation, RemapOperationType,
+    RemapPhase, RemapPolicy, VirtualVolume, VolumeMapping, VolumeRange, VolumeRemap,
+    VolumeRemapSpec,
+};
+use tessera_e2e::co::{Access, Orchestrator, VolumeRequest};
+use tessera_e2e::io::VolumeIo;
+use tessera_e2e::{Environment, Options};
+use tokio::process::Command;
+
+const NODES: [&str; 3] = ["node-a", "node-b", "node-c"];
+/// 6 areas of 256 MiB (sparse files).
+const AREA_SIZE: u64 = 256 << 20;
+/// 48 extents of 4 MiB; each node writes one third (64 MiB).
+const VOLUME_SIZE: u64 = 192 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// node-c aborts inside its first Quiesce, after setting the hold.
+    KillInsideQuiesce,
+    /// node-b refuses its first Commit.
+    CommitFails,
+}
+
+struct Scenario {
+    name: &'static str,
+    fault: Fault,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "remap_moves_every_extent_under_fio_verify_on_three_nodes",
+            fault: Fault::None,
+        },
+        Scenario {
+            name: "remap_excludes_and_fences_a_node_killed_inside_the_quiesce",
+            fault: Fault::KillInsideQuiesce,
+        },
+        Scenario {
+            name: "remap_rolls_back_everywhere_when_one_node_fails_its_commit",
+            fault: Fault::CommitFails,
+        },
+    ]
+}
+
+fn main() -> ExitCode {
+    tessera::component::main_if_requested();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filters: Vec<&str> = args
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .map(String::as_str)
+        .collect();
+    let selected: Vec<Scenario> = scenarios()
+        .into_iter()
+        .filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f)))
+        .collect();
+    if args.iter().any(|a| a == "--list") {
+        for s in &selected {
+            println!("{}: test", s.name);
+        }
+        return ExitCode::SUCCESS;
+    }
+    if let Err(why) = fio_with_nbd() {
+        for s in &selected {
+            println!("{} ... skipped: {why}", s.name);
+        }
+        return ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut failed = 0;
+    for s in &selected {
+        let start = Instant::now();
+        match runtime.block_on(run_scenario(s)) {
+            Ok(summary) => println!(
+                "{} ... ok ({:.1}s): {summary}",
+                s.name,
+                start.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "{} ... FAILED ({:.1}s): {e:#}",
+                    s.name,
+                    start.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    println!(
+        "remap under load: {} passed, {failed} failed",
+        selected.len() - failed
+    );
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `fio` with the `nbd` engine (libnbd), or why not.
+fn fio_with_nbd() -> std::result::Result<(), String> {
+    match std::process::Command::new("fio")
+        .arg("--enghelp=nbd")
+        .output()
+    {
+        Ok(out) if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("uri") => {
+            Ok(())
+        }
+        Ok(_) => Err("fio has no nbd engine (Debian's fio has it)".into()),
+        Err(e) => Err(format!("fio is not installed ({e}); `apt-get install fio`")),
+    }
+}
+
+async fn run_scenario(s: &Scenario) -> Result<String> {
+    let mut scratch = tempfile::Builder::new()
+        .prefix("tessera-remap-")
+        .tempdir()
+        .context("scratch directory")?;
+    let data_dir = scratch.path().join("local");
+    let failpoints = match s.fault {
+        Fault::None => None,
+        Fault::KillInsideQuiesce => Some("tessera-node-quiesce-crash=1*return(node-c)"),
+        Fault::CommitFails => Some("tessera-node-commit=1*return(node-b)"),
+    };
+    let config = LocalConfig {
+        nodes: NODES.len(),
+        area_size_bytes: AREA_SIZE,
+        heartbeat_seconds: 1,
+        // The NBD exports carry the load; no kernel device is needed.
+        frontend: Some("nbd".into()),
+        ready_timeout: Duration::from_secs(120),
+        env: failpoints
+            .map(|f| vec![("FAILPOINTS".to_string(), f.to_string())])
+            .unwrap_or_default(),
+        ..LocalConfig::new(&data_dir)
+    };
+    let cluster = LocalCluster::start(config)
+        .await
+        .context("starting tessera local")?;
+    let result = scenario_body(s, &data_dir, &scratch.path().join("work")).await;
+    let _ = cluster.stop().await;
+    if result.is_err() {
+        scratch.disable_cleanup(true);
+        println!("component logs kept in {}", data_dir.join("logs").display());
+    }
+    result
+}
+
+async fn scenario_body(s: &Scenario, data_dir: &Path, work_dir: &Path) -> Result<String> {
+    let options = Options {
+        kernel_frontend: false,
+        ..Options::new(work_dir)
+    };
+    let env = Environment::from_endpoints(&data_dir.join("endpoints.json"), options).await?;
+    let mut co = Orchestrator::new(&env);
+    let outcome = load_and_remap(s, &env, &mut co, data_dir).await;
+    // A killed node cannot unstage: its part of the cleanup fails and is not the test's verdict.
+    if let Err(e) = co.cleanup().await
+        && s.fault != Fault::KillInsideQuiesce
+        && outcome.is_ok()
+    {
+        return Err(e).context("cleanup");
+    }
+    outcome
+}
+
+async fn load_and_remap(
+    s: &Scenario,
+    env: &Environment,
+    co: &mut Orchestrator<'_>,
+    data_dir: &Path,
+) -> Result<String> {
+    let mut request = VolumeRequest::block("remap-under-load", VOLUME_SIZE, "high");
+    request.access = Access::SharedBlock;
+    let vol = co.create_volume(&request).await?;
+    for node in NODES {
+        let context = co.controller_publish(&vol, node).await?;
+        co.node_stage(&vol, node, &context).await?;
+    }
+    let volumes: Api<VirtualVolume> = Api::all(env.kube.clone());
+    let before = mapping_of(&volumes, &vol.id).await?;
+
+    // fio on every node: its third of the volume, written at random and verified as it goes.
+    let third = VOLUME_SIZE / NODES.len() as u64;
+    let mut fios = Vec::new();
+    for (i, node) in NODES.iter().enumerate() {
+        let (socket, export) = co.nbd_export(&vol.id, node)?;
+        fios.push((*node, spawn_fio(&socket, &export, i as u64 * third, third)?));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Move every extent to other areas while the load runs.
+    let remaps: Api<VolumeRemap> = Api::all(env.kube.clone());
+    let name = format!("move-all-{}", &vol.id[vol.id.len() - 8..]);
+    let spec = VolumeRemapSpec {
+        volume_name: vol.id.clone(),
+        operation: RemapOperation {
+            type_: RemapOperationType::Move,
+            r#move: Some(MoveRanges {
+                ranges: vec![VolumeRange {
+                    offset: 0,
+                    length: VOLUME_SIZE as i64,
+                }],
+                target_areas: Vec::new(),
+            }),
+            evacuate_area: None,
+            release_ranges: None,
+        },
+        copy: CopyPolicy {
+            mode: CopyMode::Online,
+            ..CopyPolicy::default()
+        },
+        policy: RemapPolicy {
+            quiesce_timeout_ms: 3_000,
+            ..RemapPolicy::default()
+        },
+    };
+    remaps
+        .create(&PostParams::default(), &VolumeRemap::new(&name, spec))
+        .await
+        .context("creating the VolumeRemap")?;
+    let remap = wait_final(&remaps, &name, Duration::from_secs(180)).await?;
+    let status = remap.status.clone().unwrap_or_default();
+    let phase = status.phase.context("no phase")?;
+
+    // The load ends by itself (runtime); every surviving node's fio must be clean.
+    let mut fio_lines = Vec::new();
+    for (node, child) in fios {
+        let out = child.wait_with_output().await.context("waiting for fio")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let killed = s.fault == Fault::KillInsideQuiesce && node == "node-c";
+        if killed {
+            continue;
+        }
+        let writes = fio_writes(&text);
+        ensure!(
+            out.status.success() && !text.contains("verify:") && !text.contains("error="),
+            "fio on {node} failed ({}):\n{}",
+            out.status,
+            tail(&text, 30)
+        );
+        ensure!(writes > 0, "fio on {node} wrote nothing:\n{}", tail(&text, 30));
+        fio_lines.push(format!("{node} {writes} writes"));
+    }
+
+    let after_volume = volumes.get(&vol.id).await?;
+    let after = after_volume
+        .status
+        .as_ref()
+        .and_then(|s| s.mapping.clone())
+        .context("no mapping after the remap")?;
+    let incoming = after_volume.status.as_ref().and_then(|s| s.incoming.clone());
+    ensure!(
+        incoming.is_none(),
+        "status.incoming left behind: {incoming:?}"
+    );
+    let message = status.message.clone().unwrap_or_default();
+    match s.fault {
+        Fault::None | Fault::KillInsideQuiesce => {
+            ensure!(
+                phase == RemapPhase::Succeeded,
+                "remap ended {phase:?}: {message}"
+            );
+            ensure!(
+                after.generation > before.generation,
+                "generation did not move"
+            );
+            let moved = every_extent_moved(&before, &after)?;
+            ensure!(moved == 48, "{moved} of 48 extents moved");
+        }
+        Fault::CommitFails => {
+            ensure!(
+                phase == RemapPhase::Failed,
+                "remap ended {phase:?} although node-b refused its commit: {message}"
+            );
+            ensure!(
+                after == before,
+                "mapping changed although the commit was rolled back: {before:?} → {after:?}"
+            );
+        }
+    }
+    if s.fault == Fault::KillInsideQuiesce {
+        ensure!(
+            message.contains("node-c"),
+            "the outcome does not name the excluded node-c: {message}"
+        );
+        let attachments = after_volume
+            .status
+            .as_ref()
+            .map(|s| s.attachments.clone())
+            .unwrap_or_default();
+        ensure!(
+            attachments
+                .iter()
+                .any(|a| a.node == "node-c" && a.state == AttachmentState::Fenced),
+            "node-c is not marked Fenced: {attachments:?}"
+        );
+    }
+    // Every byte as the volume shows it (node-a's export) is where the mapping points.
+    let (socket, export) = co.nbd_export(&vol.id, "node-a")?;
+    let io = VolumeIo::open_nbd(&socket, &export).await?;
+    let compared = compare_with_areas(&io, &after, data_dir).await?;
+    io.close().await;
+    Ok(format!(
+        "{phase:?}, generation {} → {}, {}; {} MiB compared against the areas; {}",
+        before.generation,
+        after.generation,
+        fio_lines.join(", "),
+        compared >> 20,
+        message
+    ))
+}
+
+async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<VolumeMapping> {
+    volumes
+        .get(id)
+        .await?
+        .status
+        .and_then(|s| s.mapping)
+        .context("volume has no mapping")
+}
+
+fn spawn_fio(
+    socket: &Path,
+    export: &str,
+    offset: u64,
+    size: u64,
+) -> Result<tokio::process::Child> {
+    let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
+    Command::new("fio")
+        .args([
+            "--name=remap-load",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            &format!("--offset={offset}"),
+            &format!("--size={size}"),
+            "--verify=crc32c",
+            "--verify_backlog=512",
+            "--verify_fatal=1",
+            "--loops=100",
+            "--runtime=25",
+            "--group_reporting",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning fio")
+}
+
+/// Write I/Os fio reports (`write: IOPS=…` block, `issued rwts: total=r,w,…`).
+fn fio_writes(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("issued rwts: total="))
+        .and_then(|rest| rest.split(',').nth(1))
+        .and_then(|w| w.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+async fn wait_final(remaps: &Api<VolumeRemap>, name: &str, timeout: Duration) -> Result<VolumeRemap> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remap = remaps.get(name).await?;
+        if remap
+            .status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .is_some_and(RemapPhase::is_final)
+        {
+            return Ok(remap);
+        }
+        if Instant::now() > deadline {
+            bail!("remap {name} did not end in {timeout:?}: {:?}", remap.status);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every extent's replicas are on other areas than before; returns the extents checked.
+fn every_extent_moved(before: &VolumeMapping, after: &VolumeMapping) -> Result<usize> {
+    let es = before.extent_size_bytes;
+    let mut moved = 0;
+    for e in 0..(VOLUME_SIZE as i64 / es) {
+        let old: BTreeSet<String> = replicas(before, e * es).into_iter().map(|r| r.0).collect();
+        let new = replicas(after, e * es);
+        ensure!(!new.is_empty(), "extent {e} is a hole after the move");
+        for (area, _) in &new {
+            ensure!(
+                !old.contains(area),
+                "extent {e} is still on {area} (before: {old:?})"
+            );
+        }
+        moved += 1;
+    }
+    Ok(moved)
+}
+
+/// `(area, area offset)` of every replica of the byte at `offset`.
+fn replicas(mapping: &VolumeMapping, offset: i64) -> Vec<(String, i64)> {
+    mapping
+        .extents
+        .iter()
+        .find(|r| r.offset <= offset && offset < r.offset + r.length)
+        .map(|r| {
+            r.replicas
+                .iter()
+                .map(|p| (p.area.clone(), p.area_offset + offset - r.offset))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The area file of a local node's area (`<node>-area-<i>` → `<data>/<node>/areas/area-<i>.img`).
+fn area_file(data_dir: &Path, area: &str) -> Result<PathBuf> {
+    let (node, index) = area
+        .rsplit_once("-area-")
+        .with_context(|| format!("unexpected area name {area}"))?;
+    Ok(data_dir
+        .join(node)
+        .join("areas")
+        .join(format!("area-{index}.img")))
+}
+
+/// Reads the whole volume through `io` and compares each extent with the bytes of every
+/// replica's area file at the mapped offset. Returns the bytes compared.
+async fn compare_with_areas(io: &VolumeIo, mapping: &VolumeMapping, data_dir: &Path) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let es = mapping.extent_size_bytes;
+    let mut compared = 0;
+    for e in 0..(VOLUME_SIZE as i64 / es) {
+        let got = io.read_at((e * es) as u64, es as u64).await?;
+        for (area, at) in replicas(mapping, e * es) {
+            let path = area_file(data_dir, &area)?;
+            let file = std::fs::File::open(&path).with_context(|| path.display().to_string())?;
+            let mut want = vec![0u8; es as usize];
+            file.read_exact_at(&mut want, at as u64)
+                .with_context(|| format!("reading {} at {at}", path.display()))?;
+            if let Some(i) = tessera_e2e::io::first_difference(&got, &want) {
+                bail!(
+                    "extent {e}: the volume and {area}@{at} differ at byte {i} (volume offset {})",
+                    e * es + i as i64
+                );
+            }
+            compared += es as u64;
+        }
+    }
+    Ok(compared)
+}
