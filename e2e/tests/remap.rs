@@ -17,6 +17,12 @@
 //! A custom `main` (`harness = false`): this binary is also the child executable of the local
 //! cluster. Arguments select scenarios by name; `--list` lists them. Needs `fio` with its `nbd`
 //! engine (CI installs it); without it the scenarios print why they skip.
+//!
+//! `--bench` runs the benchmark of docs/benchmarks/remap.md instead (build with `--release`):
+//! `cargo test --release -p tessera-e2e --test remap -- --bench`.
+
+#[path = "remap/bench.rs"]
+mod bench;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -91,6 +97,23 @@ fn main() -> ExitCode {
             println!("{}: test", s.name);
         }
         return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == "--bench") {
+        if let Err(why) = fio_with_nbd() {
+            eprintln!("the benchmark needs fio with its nbd engine: {why}");
+            return ExitCode::FAILURE;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        return match runtime.block_on(bench::run()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("benchmark failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Err(why) = fio_with_nbd() {
         for s in &selected {
@@ -347,7 +370,7 @@ async fn load_and_remap(
     ))
 }
 
-async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<VolumeMapping> {
+pub(crate) async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<VolumeMapping> {
     volumes
         .get(id)
         .await?
@@ -401,7 +424,7 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-async fn wait_final(remaps: &Api<VolumeRemap>, name: &str, timeout: Duration) -> Result<VolumeRemap> {
+pub(crate) async fn wait_final(remaps: &Api<VolumeRemap>, name: &str, timeout: Duration) -> Result<VolumeRemap> {
     let deadline = Instant::now() + timeout;
     loop {
         let remap = remaps.get(name).await?;
@@ -440,7 +463,7 @@ fn every_extent_moved(before: &VolumeMapping, after: &VolumeMapping) -> Result<u
 }
 
 /// `(area, area offset)` of every replica of the byte at `offset`.
-fn replicas(mapping: &VolumeMapping, offset: i64) -> Vec<(String, i64)> {
+pub(crate) fn replicas(mapping: &VolumeMapping, offset: i64) -> Vec<(String, i64)> {
     mapping
         .extents
         .iter()
@@ -455,7 +478,7 @@ fn replicas(mapping: &VolumeMapping, offset: i64) -> Vec<(String, i64)> {
 }
 
 /// The area file of a local node's area (`<node>-area-<i>` → `<data>/<node>/areas/area-<i>.img`).
-fn area_file(data_dir: &Path, area: &str) -> Result<PathBuf> {
+pub(crate) fn area_file(data_dir: &Path, area: &str) -> Result<PathBuf> {
     let (node, index) = area
         .rsplit_once("-area-")
         .with_context(|| format!("unexpected area name {area}"))?;
