@@ -676,3 +676,103 @@ async fn as18_restart_inside_a_hold_comes_back_held_and_as26_fence() {
     a.stop().await;
     b.stop().await;
 }
+
+/// AS-19 (docs/remap.md §5a "Participants that have not staged the volume"): a node the volume
+/// is published to but not staged on answers every step at once (`Absent`); its Quiesce keeps
+/// a NodeStage of the volume out until the Resume; and a NodeStage while a VolumeRemap of the
+/// volume is in flight waits for it to end, then stages the mapping it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn as19_a_node_staging_during_a_remap_waits_until_it_ends() {
+    use kube::api::{Api, PostParams};
+    use tessera_api::v1alpha1::{
+        CopyPolicy, RemapOperation, RemapOperationType, RemapPolicy, VolumeRange, VolumeRemap,
+        VolumeRemapSpec,
+    };
+
+    let cluster = Cluster::start().await;
+    let (a, b) = two_nodes_one_volume(&cluster).await;
+    let staging_b = cluster.path("staging/node-b");
+    b.unstage(VOLUME, &staging_b).await.expect("unstage on b");
+    let mut cb = control(&b).await;
+
+    // Published, not staged: every step is done at once.
+    let held = quiesce(&mut cb, "op-19", 2, extent_scope(1))
+        .await
+        .expect("quiesce of an absent volume");
+    assert_eq!(held.state, "Absent");
+    let refused = b
+        .stage(VOLUME, &staging_b, block_cap())
+        .await
+        .expect_err("NodeStage inside the absent hold");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("op-19"), "{refused:?}");
+    for answer in [
+        stage(&mut cb, "op-19", wire(2, &GEN2)).await,
+        cb.commit(step("op-19", 1, 2)).await.map(|r| r.into_inner()),
+        cb.resume(step("op-19", 1, 2)).await.map(|r| r.into_inner()),
+    ] {
+        assert_eq!(answer.expect("absent step").state, "Absent");
+    }
+    b.stage(VOLUME, &staging_b, block_cap())
+        .await
+        .expect("NodeStage after the Resume");
+    b.unstage(VOLUME, &staging_b).await.expect("unstage on b");
+
+    // A VolumeRemap of the volume in flight: NodeStage waits until it ends.
+    let remaps: Api<VolumeRemap> = Api::all(cluster.client.clone());
+    let remap = VolumeRemap::new(
+        "as19",
+        VolumeRemapSpec {
+            volume_name: VOLUME.into(),
+            operation: RemapOperation {
+                type_: RemapOperationType::ReleaseRanges,
+                r#move: None,
+                evacuate_area: None,
+                release_ranges: Some(tessera_api::v1alpha1::ReleaseRanges {
+                    ranges: vec![VolumeRange {
+                        offset: 0,
+                        length: ES as i64,
+                    }],
+                    tier: tessera_api::v1alpha1::ReclaimTier::Unused,
+                }),
+            },
+            copy: CopyPolicy::default(),
+            policy: RemapPolicy::default(),
+        },
+    );
+    remaps
+        .create(&PostParams::default(), &remap)
+        .await
+        .expect("VolumeRemap");
+    let set_phase = |phase: &'static str| {
+        let remaps = remaps.clone();
+        async move {
+            remaps
+                .patch_status(
+                    "as19",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"status": {"phase": phase}})),
+                )
+                .await
+                .expect("remap status");
+        }
+    };
+    set_phase("Quiescing").await;
+    let staging = tokio::spawn({
+        let b = Arc::new(b);
+        let staging_b = staging_b.clone();
+        async move { b.stage(VOLUME, &staging_b, block_cap()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !staging.is_finished(),
+        "NodeStage went ahead while a remap of the volume was in flight"
+    );
+    set_phase("Succeeded").await;
+    tokio::time::timeout(Duration::from_secs(10), staging)
+        .await
+        .expect("NodeStage ends once the remap ended")
+        .expect("task")
+        .expect("NodeStage after the remap");
+    drop(a);
+}
