@@ -348,6 +348,7 @@ def operator_deployment():
     args = c["args"]
     assert args[0] == "run", args
     for a in ("--identity=$(POD_NAME)", "--lease-namespace=$(POD_NAMESPACE)",
+              "--token-file=/etc/tessera/token", "--node-namespace=$(POD_NAMESPACE)",
               "--metrics-addr=0.0.0.0:9090"):
         assert a in args, (a, args)
     assert env_field(c, "POD_NAME") == "metadata.name"
