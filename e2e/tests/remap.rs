@@ -298,7 +298,11 @@ async fn load_and_remap(
             out.status,
             tail(&text, 30)
         );
-        ensure!(writes > 0, "fio on {node} wrote nothing:\n{}", tail(&text, 30));
+        ensure!(
+            writes > 0,
+            "fio on {node} wrote nothing:\n{}",
+            tail(&text, 30)
+        );
         fio_lines.push(format!("{node} {writes} writes"));
     }
 
@@ -308,7 +312,10 @@ async fn load_and_remap(
         .as_ref()
         .and_then(|s| s.mapping.clone())
         .context("no mapping after the remap")?;
-    let incoming = after_volume.status.as_ref().and_then(|s| s.incoming.clone());
+    let incoming = after_volume
+        .status
+        .as_ref()
+        .and_then(|s| s.incoming.clone());
     ensure!(
         incoming.is_none(),
         "status.incoming left behind: {incoming:?}"
@@ -379,12 +386,7 @@ pub(crate) async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result
         .context("volume has no mapping")
 }
 
-fn spawn_fio(
-    socket: &Path,
-    export: &str,
-    offset: u64,
-    size: u64,
-) -> Result<tokio::process::Child> {
+fn spawn_fio(socket: &Path, export: &str, offset: u64, size: u64) -> Result<tokio::process::Child> {
     let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
     Command::new("fio")
         .args([
@@ -424,7 +426,11 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-pub(crate) async fn wait_final(remaps: &Api<VolumeRemap>, name: &str, timeout: Duration) -> Result<VolumeRemap> {
+pub(crate) async fn wait_final(
+    remaps: &Api<VolumeRemap>,
+    name: &str,
+    timeout: Duration,
+) -> Result<VolumeRemap> {
     let deadline = Instant::now() + timeout;
     loop {
         let remap = remaps.get(name).await?;
@@ -437,7 +443,10 @@ pub(crate) async fn wait_final(remaps: &Api<VolumeRemap>, name: &str, timeout: D
             return Ok(remap);
         }
         if Instant::now() > deadline {
-            bail!("remap {name} did not end in {timeout:?}: {:?}", remap.status);
+            bail!(
+                "remap {name} did not end in {timeout:?}: {:?}",
+                remap.status
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -490,7 +499,11 @@ pub(crate) fn area_file(data_dir: &Path, area: &str) -> Result<PathBuf> {
 
 /// Reads the whole volume through `io` and compares each extent with the bytes of every
 /// replica's area file at the mapped offset. Returns the bytes compared.
-async fn compare_with_areas(io: &VolumeIo, mapping: &VolumeMapping, data_dir: &Path) -> Result<u64> {
+async fn compare_with_areas(
+    io: &VolumeIo,
+    mapping: &VolumeMapping,
+    data_dir: &Path,
+) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let es = mapping.extent_size_bytes;
     let mut compared = 0;

@@ -262,7 +262,10 @@ impl NodeControl for Service {
     ) -> Result<Response<RemapStepResponse>, Status> {
         let request = request.into_inner();
         let (volume_id, op) = op_ref(request.operation)?;
-        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Quiesce).await {
+        let volume = match self
+            .staged_or_absent(&volume_id, &op, AbsentStep::Quiesce)
+            .await
+        {
             Ok(volume) => volume,
             Err(answer) => return answer,
         };
@@ -306,7 +309,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Other).await {
+        let volume = match self
+            .staged_or_absent(&volume_id, &op, AbsentStep::Other)
+            .await
+        {
             Ok(volume) => volume,
             Err(answer) => return answer,
         };
@@ -324,7 +330,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Other).await {
+        let volume = match self
+            .staged_or_absent(&volume_id, &op, AbsentStep::Other)
+            .await
+        {
             Ok(volume) => volume,
             Err(answer) => return answer,
         };
@@ -337,7 +346,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Resume).await {
+        let volume = match self
+            .staged_or_absent(&volume_id, &op, AbsentStep::Resume)
+            .await
+        {
             Ok(volume) => volume,
             Err(answer) => return answer,
         };
@@ -356,7 +368,10 @@ impl NodeControl for Service {
         request: Request<RemapStepRequest>,
     ) -> Result<Response<RemapStepResponse>, Status> {
         let (volume_id, op) = op_ref(request.into_inner().operation)?;
-        let volume = match self.staged_or_absent(&volume_id, &op, AbsentStep::Resume).await {
+        let volume = match self
+            .staged_or_absent(&volume_id, &op, AbsentStep::Resume)
+            .await
+        {
             Ok(volume) => volume,
             Err(answer) => return answer,
         };

@@ -106,7 +106,10 @@ pub fn incoming_ranges(volume: &VirtualVolume) -> Vec<(AreaId, Range<u64>)> {
         .filter_map(|r| {
             let start = u64::try_from(r.area_offset).ok()?;
             let length = u64::try_from(r.length).ok().filter(|l| *l > 0)?;
-            Some((AreaId::new(r.area.as_str()), start..start.checked_add(length)?))
+            Some((
+                AreaId::new(r.area.as_str()),
+                start..start.checked_add(length)?,
+            ))
         })
         .collect()
 }

@@ -428,18 +428,28 @@ impl Agent {
             .claim_destinations(&self.client, volume, ranges, generation)
             .await?;
         if zeroed > 0 {
-            tracing::info!(volume, zeroed, "copy destinations zeroed for their new owner");
+            tracing::info!(
+                volume,
+                zeroed,
+                "copy destinations zeroed for their new owner"
+            );
         }
         let mut remote = BTreeSet::new();
         let deadline = Instant::now() + GRANT_WAIT;
-        for d in destinations.iter().filter(|d| !self.local_areas.contains(&d.area)) {
+        for d in destinations
+            .iter()
+            .filter(|d| !self.local_areas.contains(&d.area))
+        {
             self.connect_remote_area(registry, volume, &d.area, deadline)
                 .await?;
-            let backend = self.registry.get(&d.area).ok_or_else(|| AgentError::AreaUnreachable {
-                volume: volume.into(),
-                area: d.area.to_string(),
-                reason: "not registered".into(),
-            })?;
+            let backend =
+                self.registry
+                    .get(&d.area)
+                    .ok_or_else(|| AgentError::AreaUnreachable {
+                        volume: volume.into(),
+                        area: d.area.to_string(),
+                        reason: "not registered".into(),
+                    })?;
             loop {
                 match backend.read(generation, d.area_offset, 512).await {
                     Ok(_) => break,
@@ -501,7 +511,10 @@ impl Agent {
     /// waits (up to [`REMAP_WAIT`]) until no VolumeRemap of the volume is in flight, then
     /// reads the committed mapping; after that it answers UNAVAILABLE and the CO retries.
     /// Returns the operation ids (uids) of the volume's remaps that have ended.
-    pub(crate) async fn wait_for_remaps(&self, volume: &str) -> Result<BTreeSet<String>, AgentError> {
+    pub(crate) async fn wait_for_remaps(
+        &self,
+        volume: &str,
+    ) -> Result<BTreeSet<String>, AgentError> {
         let api: Api<VolumeRemap> = Api::all(self.client.clone());
         let deadline = Instant::now() + REMAP_WAIT;
         loop {
@@ -544,7 +557,12 @@ impl Agent {
     /// NodeStageVolume.
     pub async fn stage(&self, req: StageRequest) -> Result<(), AgentError> {
         // Not under the registry lock: the wait must not stall the other volumes' remap steps.
-        let already = self.staged.lock().await.volumes.contains_key(&req.volume_id);
+        let already = self
+            .staged
+            .lock()
+            .await
+            .volumes
+            .contains_key(&req.volume_id);
         let ended = if already {
             BTreeSet::new()
         } else {

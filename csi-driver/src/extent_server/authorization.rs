@@ -142,17 +142,17 @@ impl ExtentAuthorization {
             }
         }
         let previous = table.peers.get(peer).and_then(|v| v.get(volume)).cloned();
-        if let Some(prev) = &previous {
-            if generation < prev.generation {
-                tracing::warn!(peer, volume, offered = %generation, current = %prev.generation,
-                    "refusing a stale volume grant");
-                return Err(GrantError::StaleGeneration {
-                    peer: peer.to_owned(),
-                    volume: volume.to_owned(),
-                    offered: generation,
-                    current: prev.generation,
-                });
-            }
+        if let Some(prev) = &previous
+            && generation < prev.generation
+        {
+            tracing::warn!(peer, volume, offered = %generation, current = %prev.generation,
+                "refusing a stale volume grant");
+            return Err(GrantError::StaleGeneration {
+                peer: peer.to_owned(),
+                volume: volume.to_owned(),
+                offered: generation,
+                current: prev.generation,
+            });
         }
         let mut touched: BTreeSet<AreaId> = grants.iter().map(|g| g.area.clone()).collect();
         if let Some(prev) = &previous {

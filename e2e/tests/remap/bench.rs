@@ -18,8 +18,8 @@ use kube::Api;
 use kube::api::PostParams;
 use tessera::local::{LocalCluster, LocalConfig};
 use tessera_api::v1alpha1::{
-    CopyMode, CopyPolicy, MoveRanges, RemapOperation, RemapOperationType, RemapPhase,
-    RemapPolicy, VirtualVolume, VolumeMapping, VolumeRange, VolumeRemap, VolumeRemapSpec,
+    CopyMode, CopyPolicy, MoveRanges, RemapOperation, RemapOperationType, RemapPhase, RemapPolicy,
+    VirtualVolume, VolumeMapping, VolumeRange, VolumeRemap, VolumeRemapSpec,
 };
 use tessera_e2e::co::{Access, Orchestrator, VolumeRequest};
 use tessera_e2e::{Environment, Options};
@@ -76,8 +76,14 @@ async fn body(data_dir: &Path, work_dir: &Path) -> Result<()> {
         NODES.join(", ")
     );
     // Real data everywhere, so every copy moves written bytes.
-    let fill = fio(&exports[0], 0, VOLUME, &["--rw=write", "--bs=1m", "--iodepth=4"], None)
-        .await?;
+    let fill = fio(
+        &exports[0],
+        0,
+        VOLUME,
+        &["--rw=write", "--bs=1m", "--iodepth=4"],
+        None,
+    )
+    .await?;
     ensure!(fill.0 > 0, "prefill wrote nothing");
 
     // Steady state: the same load without a remap.

@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_api::model::{ByteRange, Edit, ExtentMap, Generation, ReplicaLocation as ModelReplica};
 use tessera_api::v1alpha1::{
-    AreaRange, AttachmentState, IncomingExtents, ReclaimTier, RemapOperationType, RemapPhase, ReplicaLocation, VirtualVolume,
-    VolumeLayout, VolumeMapping, VolumeRemap,
+    AreaRange, AttachmentState, IncomingExtents, ReclaimTier, RemapOperationType, RemapPhase,
+    ReplicaLocation, VirtualVolume, VolumeLayout, VolumeMapping, VolumeRemap,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
