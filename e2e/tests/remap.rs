@@ -291,12 +291,14 @@ async fn load_and_remap(
         if killed {
             continue;
         }
-        let writes = fio_writes(&text);
+        let report = FioReport::parse(&out.stdout)
+            .with_context(|| format!("fio on {node}:\n{}", tail(&text, 30)))?;
+        let writes = report.writes;
         ensure!(
-            out.status.success() && !text.contains("verify:") && !text.contains("error="),
-            "fio on {node} failed ({}):\n{}",
+            out.status.success() && report.errors == 0 && report.error_code == 0,
+            "fio on {node} failed ({}, {report:?}):\n{}",
             out.status,
-            tail(&text, 30)
+            tail(&String::from_utf8_lossy(&out.stderr), 30)
         );
         ensure!(
             writes > 0,
@@ -403,7 +405,7 @@ fn spawn_fio(socket: &Path, export: &str, offset: u64, size: u64) -> Result<toki
             "--verify_fatal=1",
             "--loops=100",
             "--runtime=25",
-            "--group_reporting",
+            "--output-format=json",
         ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -412,16 +414,33 @@ fn spawn_fio(socket: &Path, export: &str, offset: u64, size: u64) -> Result<toki
         .context("spawning fio")
 }
 
-/// Write I/Os fio reports (`write: IOPS=…` block, `issued rwts: total=r,w,…`).
-fn fio_writes(text: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix("issued rwts: total="))
-        .and_then(|rest| rest.split(',').nth(1))
-        .and_then(|w| w.trim().parse().ok())
-        .unwrap_or(0)
+/// What one fio job (`--output-format=json`) reports.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FioReport {
+    pub writes: u64,
+    pub iops: f64,
+    /// I/Os that failed (`total_err`).
+    pub errors: u64,
+    /// The errno the job stopped with (`error`), 0 when none; a verify failure stops the job.
+    pub error_code: u64,
 }
 
-fn tail(text: &str, lines: usize) -> String {
+impl FioReport {
+    pub(crate) fn parse(stdout: &[u8]) -> Result<FioReport> {
+        let text = String::from_utf8_lossy(stdout);
+        let start = text.find('{').context("fio printed no JSON")?;
+        let json: serde_json::Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
+        let job = &json["jobs"][0];
+        Ok(FioReport {
+            writes: job["write"]["total_ios"].as_u64().unwrap_or(0),
+            iops: job["write"]["iops"].as_f64().unwrap_or(0.0),
+            errors: job["total_err"].as_u64().unwrap_or(0),
+            error_code: job["error"].as_u64().unwrap_or(0),
+        })
+    }
+}
+
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -517,6 +517,9 @@ fn injected(name: &str, node: &str) -> bool {
     }
 }
 
+/// How long the attachment update waits before it reads the gate's state.
+const ATTACHMENT_SETTLE: Duration = Duration::from_millis(250);
+
 /// Bytes per COPY I/O of CopyExtents.
 const COPY_CHUNK: u64 = 1 << 20;
 
@@ -743,7 +746,26 @@ pub(crate) async fn persist_hold(agent: &Agent, volume_id: &str) -> Result<(), A
 /// Records the gate's current state in `status.attachments` (Held while held, Fenced once
 /// excluded, Running otherwise); reads the state when it runs, so racing updates converge.
 pub(crate) fn spawn_attachment_update(agent: Arc<Agent>, volume_id: String) {
+    let queued = agent
+        .attachment_updates
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(volume_id.clone());
+    if !queued {
+        // The update already waiting reads the state when it runs.
+        return;
+    }
     tokio::spawn(async move {
+        // Coalesced: a remap cycle holds for tens of ms, and writing Held then Running for
+        // each of them (every node, every cycle) loaded the API server with thousands of
+        // VirtualVolume writes per move. A hold still set after this delay is recorded; a
+        // restarted node's restored hold and a fence are recorded the same way.
+        tokio::time::sleep(ATTACHMENT_SETTLE).await;
+        agent
+            .attachment_updates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&volume_id);
         let view = {
             let registry = agent.staged.lock().await;
             match registry.volumes.get(&volume_id) {

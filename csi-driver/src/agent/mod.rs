@@ -201,6 +201,8 @@ pub struct Agent {
     pub(crate) usage_sequence: AtomicU64,
     /// Idempotent answers of node-control calls, by (volume, operation, attempt).
     pub(crate) control_answers: std::sync::Mutex<BTreeMap<control::AnswerKey, control::Answer>>,
+    /// Volumes with an attachment update waiting to run (one at a time per volume).
+    pub(crate) attachment_updates: std::sync::Mutex<std::collections::BTreeSet<String>>,
     stop: watch::Sender<bool>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -281,6 +283,7 @@ impl Agent {
             ownership,
             usage_sequence: AtomicU64::new(seq_seed),
             control_answers: std::sync::Mutex::new(BTreeMap::new()),
+            attachment_updates: std::sync::Mutex::default(),
             stop,
             tasks: std::sync::Mutex::new(Vec::new()),
         });

@@ -220,6 +220,8 @@ struct AreaLedger {
 pub struct Ownership {
     dir: PathBuf,
     areas: Mutex<BTreeMap<AreaId, AreaLedger>>,
+    /// Volume name → uid of the last fresh read ([`Ownership::claim_for_engine`]'s fast path).
+    uids: Mutex<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Ownership {
@@ -323,6 +325,7 @@ impl Ownership {
         Ok(Ownership {
             dir,
             areas: Mutex::new(ledgers),
+            uids: Mutex::default(),
         })
     }
 
@@ -459,6 +462,15 @@ impl Ownership {
         if wanted.is_empty() {
             return Ok(0);
         }
+        // Fast path (a Stage inside a remap's hold must not wait for the API): every wanted
+        // range is already recorded for the uid this volume name had at its last fresh read.
+        // Volume names carry a UUID and are never reused, so the name → uid memo cannot
+        // stand for another volume.
+        if let Some(uid) = self.uids.lock().await.get(volume)
+            && foreign_parts(&areas, &wanted, uid).is_empty()
+        {
+            return Ok(0);
+        }
         let api: Api<VirtualVolume> = Api::all(client.clone());
         let fresh = api
             .get_opt(volume)
@@ -468,6 +480,10 @@ impl Ownership {
         let uid = fresh
             .uid()
             .ok_or_else(|| AgentError::VolumeNotFound(volume.into()))?;
+        self.uids
+            .lock()
+            .await
+            .insert(volume.to_string(), uid.clone());
         let parts = foreign_parts(&areas, &wanted, &uid);
         if parts.values().all(Vec::is_empty) {
             return Ok(0);

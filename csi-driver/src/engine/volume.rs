@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use futures::future::join_all;
 use parking_lot::Mutex;
 use roaring::RoaringBitmap;
@@ -62,6 +63,9 @@ enum Mutation {
     WriteZeroes { fua: bool },
     Trim,
 }
+
+/// COPY I/Os [`Volume::copy_range`] keeps in flight.
+const COPY_DEPTH: usize = 4;
 
 /// Default hold timer 215 (`holdTimeoutMs` of the CRD).
 pub const DEFAULT_HOLD_TIMEOUT_MS: Millis = 30_000;
@@ -440,41 +444,58 @@ impl Volume {
             })
             .collect::<Result<Vec<_>, EngineError>>()?;
         let chunk = chunk.max(SECTOR_SIZE) / SECTOR_SIZE * SECTOR_SIZE;
-        let mut copied = 0;
-        while copied < range.length() {
-            let piece = ByteRange::new(offset + copied, chunk.min(range.length() - copied))?;
-            let source_generation = map.generation();
-            let segments: Vec<Segment<'_>> = map.translate(piece)?.collect();
-            let mut data = BytesMut::with_capacity(piece.length() as usize);
-            for segment in &segments {
-                data.extend_from_slice(&self.read_piece(source_generation, segment).await?);
-            }
-            let data = data.freeze();
-            let writes = join_all(targets.iter().map(|(backend, location)| {
-                let data = data.clone();
-                let area_offset = location.area_offset + copied;
+        let source_generation = map.generation();
+        // COPY I/Os of disjoint pieces, COPY_DEPTH of them in flight (one read, then the
+        // writes to every destination): the pieces never overlap, so their order does not
+        // matter, and one at a time left the source and destination idle half of the time.
+        let pieces: Vec<u64> = (0..range.length()).step_by(chunk as usize).collect();
+        let results: Vec<Result<u64, EngineError>> = futures::stream::iter(pieces)
+            .map(|at| {
+                let map = &map;
+                let targets = &targets;
                 async move {
-                    backend
-                        .write(generation, area_offset, data, false)
-                        .await
-                        .map_err(|e| match e {
-                            BackendError::Io(source) => EngineError::Io {
-                                area: location.area.clone(),
-                                source,
-                            },
-                            BackendError::StaleGeneration { sent, current } => {
-                                EngineError::StaleGeneration {
-                                    area: location.area.clone(),
-                                    sent,
-                                    current,
-                                }
-                            }
-                        })
+                    let piece = ByteRange::new(offset + at, chunk.min(range.length() - at))?;
+                    let segments: Vec<Segment<'_>> = map.translate(piece)?.collect();
+                    let mut data = BytesMut::with_capacity(piece.length() as usize);
+                    for segment in &segments {
+                        data.extend_from_slice(
+                            &self.read_piece(source_generation, segment).await?,
+                        );
+                    }
+                    let data = data.freeze();
+                    let writes = join_all(targets.iter().map(|(backend, location)| {
+                        let data = data.clone();
+                        let area_offset = location.area_offset + at;
+                        async move {
+                            backend
+                                .write(generation, area_offset, data, false)
+                                .await
+                                .map_err(|e| match e {
+                                    BackendError::Io(source) => EngineError::Io {
+                                        area: location.area.clone(),
+                                        source,
+                                    },
+                                    BackendError::StaleGeneration { sent, current } => {
+                                        EngineError::StaleGeneration {
+                                            area: location.area.clone(),
+                                            sent,
+                                            current,
+                                        }
+                                    }
+                                })
+                        }
+                    }))
+                    .await;
+                    first_error(writes)?;
+                    Ok(piece.length())
                 }
-            }))
+            })
+            .buffer_unordered(COPY_DEPTH)
+            .collect()
             .await;
-            first_error(writes)?;
-            copied += piece.length();
+        let mut copied = 0;
+        for result in results {
+            copied += result?;
         }
         // Durable before the caller commits a map that reads from the destination.
         let flushes = join_all(targets.iter().map(|(backend, location)| async move {

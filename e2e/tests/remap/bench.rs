@@ -47,6 +47,10 @@ pub async fn run() -> Result<()> {
     .await?;
     let result = body(&data_dir, &scratch.path().join("work")).await;
     let _ = cluster.stop().await;
+    if std::env::var_os("TESSERA_BENCH_KEEP").is_some() {
+        let kept = scratch.keep();
+        println!("logs kept in {}", kept.join("local/logs").display());
+    }
     result
 }
 
@@ -214,7 +218,8 @@ async fn load(
     seconds: Option<u64>,
     stop: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<Vec<(u64, f64, u64)>> {
-    let third = VOLUME / exports.len() as u64;
+    // Thirds rounded down to whole MiB: fio stops with EINVAL at an unaligned region end.
+    let third = VOLUME / exports.len() as u64 / (1 << 20) * (1 << 20);
     let runs = exports.iter().enumerate().map(|(i, uri)| {
         let stop = stop.clone();
         async move {
@@ -272,16 +277,20 @@ async fn fio(
         }
     }
     let out = child.wait_with_output().await?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let start = text.find('{').context("fio printed no JSON")?;
-    let json: serde_json::Value = serde_json::from_str(&text[start..])
-        .with_context(|| format!("fio JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
-    let job = &json["jobs"][0];
-    Ok((
-        job["write"]["total_ios"].as_u64().unwrap_or(0),
-        job["write"]["iops"].as_f64().unwrap_or(0.0),
-        job["total_err"].as_u64().unwrap_or(0) + job["error"].as_u64().unwrap_or(0),
-    ))
+    let report = super::FioReport::parse(&out.stdout).with_context(|| {
+        format!(
+            "fio on {uri}: {}",
+            super::tail(&String::from_utf8_lossy(&out.stderr), 10)
+        )
+    })?;
+    let errors = report.errors + u64::from(report.error_code != 0);
+    if errors > 0 {
+        println!(
+            "  fio on {uri}: {report:?}; stderr:\n{}",
+            super::tail(&String::from_utf8_lossy(&out.stderr), 10)
+        );
+    }
+    Ok((report.writes, report.iops, errors))
 }
 
 /// The length of every node log now: lines after it belong to the next measurement.

@@ -583,6 +583,9 @@ struct Driver {
     tasks: JoinSet<()>,
     suspend: Option<Arc<AtomicBool>>,
     hold_timer: Option<(u32, u32)>,
+    /// The status this driver wrote last (without its times): an unchanged one is not
+    /// written again.
+    last_status: Option<serde_json::Value>,
 }
 
 impl Driver {
@@ -598,6 +601,7 @@ impl Driver {
             tasks: JoinSet::new(),
             suspend: None,
             hold_timer: None,
+            last_status: None,
         }
     }
 
@@ -672,7 +676,10 @@ impl Driver {
             }
         };
         let before = self.record.state.clone();
+        let event_name = format!("{event:?}");
         let (next, commands) = step(before.clone(), event);
+        tracing::debug!(remap = %self.name(), event = %event_name.chars().take(120).collect::<String>(),
+            from = ?before.phase, to = ?next.phase, commands = commands.len(), "coordinator step");
         self.record.state = next;
         let s = &self.record.state;
         // A new hold (cycle or attempt): decide what it holds before anything is sent. With no
@@ -716,7 +723,15 @@ impl Driver {
                 self.execute(command).await?;
             }
         } else {
-            if self.record.state != before || !commands.is_empty() {
+            // Write-ahead only where something is about to happen: a step that only records
+            // an answer (the others are still awaited) acts on nothing, and a restart from the
+            // previous record re-sends that message, which the node answers again from its
+            // record (idempotent steps). Timers and events need no record either. Inside a
+            // hold this halves the API writes (docs/benchmarks/remap.md).
+            let acts = commands
+                .iter()
+                .any(|c| !matches!(c, Command::StartTimer { .. } | Command::Report { .. }));
+            if acts || self.record.state.phase != before.phase {
                 self.persist().await?;
             }
             for command in commands {
@@ -754,6 +769,14 @@ impl Driver {
     /// Write-ahead: the record (conditional on the resourceVersion this driver wrote last),
     /// then the status.
     async fn persist(&mut self) -> Result<()> {
+        let started = std::time::Instant::now();
+        let result = self.persist_record().await;
+        tracing::debug!(remap = %self.name(), phase = ?self.record.state.phase,
+            persist_us = started.elapsed().as_micros() as u64, "record written");
+        result
+    }
+
+    async fn persist_record(&mut self) -> Result<()> {
         let remaps: Api<VolumeRemap> = Api::all(self.ctx.client.clone());
         let name = self.name();
         let text = serde_json::to_string(&self.record)?;
@@ -778,15 +801,23 @@ impl Driver {
             "message": message,
             "observedGeneration": self.remap.metadata.generation,
         });
-        if self
-            .remap
-            .status
-            .as_ref()
-            .and_then(|st| st.start_time.as_ref())
-            .is_none()
+        if !s.is_finished() && self.last_status.as_ref() == Some(&status) {
+            self.resource_version = written.resource_version();
+            return Ok(());
+        }
+        // startTime once: the object read at the start of this reconcile has none, and no
+        // status was written by this driver yet.
+        if self.last_status.is_none()
+            && self
+                .remap
+                .status
+                .as_ref()
+                .and_then(|st| st.start_time.as_ref())
+                .is_none()
         {
             status["startTime"] = json!(Time(now()));
         }
+        self.last_status = Some(status.clone());
         if s.is_finished() {
             status["completionTime"] = json!(Time(now()));
         }
@@ -1070,17 +1101,31 @@ impl Driver {
         let Some(dest) = destination_mapping(&self.record) else {
             return Ok(());
         };
-        let ranges: Vec<AreaRange> = dest
+        // Contiguous destinations of one area are merged: every VirtualVolume write carries
+        // this list for as long as the move runs.
+        let mut pieces: Vec<(String, i64, i64)> = dest
             .extents
             .iter()
             .flat_map(|run| {
-                run.replicas.iter().map(|r| AreaRange {
-                    area: r.area.clone(),
-                    area_offset: r.area_offset,
-                    length: run.length,
-                })
+                run.replicas
+                    .iter()
+                    .map(|r| (r.area.clone(), r.area_offset, run.length))
             })
             .collect();
+        pieces.sort();
+        let mut ranges: Vec<AreaRange> = Vec::new();
+        for (area, area_offset, length) in pieces {
+            match ranges.last_mut() {
+                Some(last) if last.area == area && last.area_offset + last.length == area_offset => {
+                    last.length += length;
+                }
+                _ => ranges.push(AreaRange {
+                    area,
+                    area_offset,
+                    length,
+                }),
+            }
+        }
         let incoming = IncomingExtents {
             remap: self.name(),
             ranges,
