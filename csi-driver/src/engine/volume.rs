@@ -458,9 +458,7 @@ impl Volume {
                     let segments: Vec<Segment<'_>> = map.translate(piece)?.collect();
                     let mut data = BytesMut::with_capacity(piece.length() as usize);
                     for segment in &segments {
-                        data.extend_from_slice(
-                            &self.read_piece(source_generation, segment).await?,
-                        );
+                        data.extend_from_slice(&self.read_piece(source_generation, segment).await?);
                     }
                     let data = data.freeze();
                     let writes = join_all(targets.iter().map(|(backend, location)| {

@@ -18,8 +18,9 @@ use kube::Api;
 use kube::api::PostParams;
 use tessera::local::{LocalCluster, LocalConfig};
 use tessera_api::v1alpha1::{
-    CopyMode, CopyPolicy, MoveRanges, RemapOperation, RemapOperationType, RemapPhase, RemapPolicy,
-    VirtualVolume, VolumeMapping, VolumeRange, VolumeRemap, VolumeRemapSpec,
+    CopyMode, CopyPolicy, MoveRanges, ReclaimTier, ReleaseRanges, RemapOperation,
+    RemapOperationType, RemapPhase, RemapPolicy, VirtualVolume, VolumeMapping, VolumeRange,
+    VolumeRemap, VolumeRemapSpec,
 };
 use tessera_e2e::co::{Access, Orchestrator, VolumeRequest};
 use tessera_e2e::{Environment, Options};
@@ -168,6 +169,35 @@ async fn body(data_dir: &Path, work_dir: &Path) -> Result<()> {
     );
     print_holds(&idle_holds);
 
+    // A switch without a copy: releases of unused extents (reclaim of an attached volume),
+    // one hold each, the map staged inside the hold after the usage re-check.
+    let marks = log_marks(&logs)?;
+    let mut request = VolumeRequest::block("remap-bench-release", 64 << 20, "high");
+    request.access = Access::SharedBlock;
+    let small = co.create_volume(&request).await?;
+    for node in NODES {
+        let context = co.controller_publish(&small, node).await?;
+        co.node_stage(&small, node, &context).await?;
+    }
+    let es = mapping_of(&volumes, &small.id).await?.extent_size_bytes;
+    for e in 0..(64 << 20) / es {
+        let name = format!("bench-release-{e}");
+        remaps
+            .create(
+                &PostParams::default(),
+                &release(&name, &small.id, e * es, es),
+            )
+            .await?;
+        let remap = wait_final(&remaps, &name, Duration::from_secs(60)).await?;
+        ensure!(
+            remap.status.as_ref().and_then(|s| s.phase) == Some(RemapPhase::Succeeded),
+            "release {name} ended {:?}",
+            remap.status
+        );
+    }
+    println!("releases of unused extents (no copy; 16 remaps, one hold each):");
+    print_holds(&read_holds(&logs, &marks)?);
+
     // nbdcopy of the same bytes between the same area files (after the volume is no longer
     // needed: it overwrites the areas the first move vacated).
     let last = mapping_of(&volumes, &vol.id).await?;
@@ -182,6 +212,26 @@ async fn body(data_dir: &Path, work_dir: &Path) -> Result<()> {
         100.0 * loaded_copy / peer
     );
     Ok(())
+}
+
+fn release(name: &str, volume: &str, offset: i64, length: i64) -> VolumeRemap {
+    VolumeRemap::new(
+        name,
+        VolumeRemapSpec {
+            volume_name: volume.into(),
+            operation: RemapOperation {
+                type_: RemapOperationType::ReleaseRanges,
+                r#move: None,
+                evacuate_area: None,
+                release_ranges: Some(ReleaseRanges {
+                    ranges: vec![VolumeRange { offset, length }],
+                    tier: ReclaimTier::Unused,
+                }),
+            },
+            copy: CopyPolicy::default(),
+            policy: RemapPolicy::default(),
+        },
+    )
 }
 
 fn move_all(name: &str, volume: &str) -> VolumeRemap {

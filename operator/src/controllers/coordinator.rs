@@ -1116,7 +1116,9 @@ impl Driver {
         let mut ranges: Vec<AreaRange> = Vec::new();
         for (area, area_offset, length) in pieces {
             match ranges.last_mut() {
-                Some(last) if last.area == area && last.area_offset + last.length == area_offset => {
+                Some(last)
+                    if last.area == area && last.area_offset + last.length == area_offset =>
+                {
                     last.length += length;
                 }
                 _ => ranges.push(AreaRange {
