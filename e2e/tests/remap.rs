@@ -52,6 +52,8 @@ const VOLUME_SIZE: u64 = 192 << 20;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     None,
+    /// Not a fault: the volume is used by no node (AS-28), no load.
+    Unused,
     /// node-c aborts inside its first Quiesce, after setting the hold.
     KillInsideQuiesce,
     /// node-b refuses its first Commit.
@@ -76,6 +78,10 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "remap_rolls_back_everywhere_when_one_node_fails_its_commit",
             fault: Fault::CommitFails,
+        },
+        Scenario {
+            name: "remap_moves_a_volume_no_node_uses_as28",
+            fault: Fault::Unused,
         },
     ]
 }
@@ -176,7 +182,7 @@ async fn run_scenario(s: &Scenario) -> Result<String> {
         .context("scratch directory")?;
     let data_dir = scratch.path().join("local");
     let failpoints = match s.fault {
-        Fault::None => None,
+        Fault::None | Fault::Unused => None,
         Fault::KillInsideQuiesce => Some("tessera-node-quiesce-crash=1*return(node-c)"),
         Fault::CommitFails => Some("tessera-node-commit=1*return(node-b)"),
     };
@@ -211,7 +217,11 @@ async fn scenario_body(s: &Scenario, data_dir: &Path, work_dir: &Path) -> Result
     };
     let env = Environment::from_endpoints(&data_dir.join("endpoints.json"), options).await?;
     let mut co = Orchestrator::new(&env);
-    let outcome = load_and_remap(s, &env, &mut co, data_dir).await;
+    let outcome = if s.fault == Fault::Unused {
+        remap_unused(&env, &mut co, data_dir).await
+    } else {
+        load_and_remap(s, &env, &mut co, data_dir).await
+    };
     // A killed node cannot unstage: its part of the cleanup fails and is not the test's verdict.
     if let Err(e) = co.cleanup().await
         && s.fault != Fault::KillInsideQuiesce
@@ -250,29 +260,14 @@ async fn load_and_remap(
     // Move every extent to other areas while the load runs.
     let remaps: Api<VolumeRemap> = Api::all(env.kube.clone());
     let name = format!("move-all-{}", &vol.id[vol.id.len() - 8..]);
-    let spec = VolumeRemapSpec {
-        volume_name: vol.id.clone(),
-        operation: RemapOperation {
-            type_: RemapOperationType::Move,
-            r#move: Some(MoveRanges {
-                ranges: vec![VolumeRange {
-                    offset: 0,
-                    length: VOLUME_SIZE as i64,
-                }],
-                target_areas: Vec::new(),
-            }),
-            evacuate_area: None,
-            release_ranges: None,
-        },
-        copy: CopyPolicy {
-            mode: CopyMode::Online,
-            ..CopyPolicy::default()
-        },
-        policy: RemapPolicy {
+    let spec = move_all_spec(
+        &vol.id,
+        VOLUME_SIZE,
+        RemapPolicy {
             quiesce_timeout_ms: 3_000,
             ..RemapPolicy::default()
         },
-    };
+    );
     remaps
         .create(&PostParams::default(), &VolumeRemap::new(&name, spec))
         .await
@@ -324,7 +319,7 @@ async fn load_and_remap(
     );
     let message = status.message.clone().unwrap_or_default();
     match s.fault {
-        Fault::None | Fault::KillInsideQuiesce => {
+        Fault::None | Fault::Unused | Fault::KillInsideQuiesce => {
             ensure!(
                 phase == RemapPhase::Succeeded,
                 "remap ended {phase:?}: {message}"
@@ -333,7 +328,7 @@ async fn load_and_remap(
                 after.generation > before.generation,
                 "generation did not move"
             );
-            let moved = every_extent_moved(&before, &after)?;
+            let moved = every_extent_moved(&before, &after, VOLUME_SIZE)?;
             ensure!(moved == 48, "{moved} of 48 extents moved");
         }
         Fault::CommitFails => {
@@ -367,7 +362,7 @@ async fn load_and_remap(
     // Every byte as the volume shows it (node-a's export) is where the mapping points.
     let (socket, export) = co.nbd_export(&vol.id, "node-a")?;
     let io = VolumeIo::open_nbd(&socket, &export).await?;
-    let compared = compare_with_areas(&io, &after, data_dir).await?;
+    let compared = compare_with_areas(&io, &after, data_dir, VOLUME_SIZE).await?;
     io.close().await;
     Ok(format!(
         "{phase:?}, generation {} → {}, {}; {} MiB compared against the areas; {}",
@@ -377,6 +372,105 @@ async fn load_and_remap(
         compared >> 20,
         message
     ))
+}
+
+/// AS-28 on real nodes: a volume written on node-a, then detached from every node, is moved
+/// without any hold (the copier named in `status.incoming` copies it through a private engine);
+/// attached on node-b afterwards it reads back what node-a wrote, from the new areas.
+async fn remap_unused(
+    env: &Environment,
+    co: &mut Orchestrator<'_>,
+    data_dir: &Path,
+) -> Result<String> {
+    let size = 64u64 << 20;
+    let vol = co
+        .create_volume(&VolumeRequest::block("remap-unused", size, "high"))
+        .await?;
+    let att = co.attach(&vol, "node-a").await?;
+    let (socket, export) = co.nbd_export(&vol.id, "node-a")?;
+    let io = VolumeIo::open_nbd(&socket, &export).await?;
+    let seed = 28;
+    io.write_at(0, &tessera_e2e::io::pattern(seed, 0, size))
+        .await?;
+    io.close().await;
+    co.detach(&att).await?;
+    let volumes: Api<VirtualVolume> = Api::all(env.kube.clone());
+    let before = mapping_of(&volumes, &vol.id).await?;
+    let remaps: Api<VolumeRemap> = Api::all(env.kube.clone());
+    let name = "move-unused";
+    remaps
+        .create(
+            &PostParams::default(),
+            &VolumeRemap::new(name, move_all_spec(&vol.id, size, RemapPolicy::default())),
+        )
+        .await?;
+    let remap = wait_final(&remaps, name, Duration::from_secs(120)).await?;
+    let status = remap.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == Some(RemapPhase::Succeeded),
+        "remap ended {:?}: {:?}",
+        status.phase,
+        status.message
+    );
+    let after_volume = volumes.get(&vol.id).await?;
+    let after = after_volume
+        .status
+        .as_ref()
+        .and_then(|s| s.mapping.clone())
+        .context("no mapping")?;
+    let incoming = after_volume
+        .status
+        .as_ref()
+        .and_then(|s| s.incoming.clone());
+    ensure!(
+        incoming.is_none(),
+        "status.incoming left behind: {incoming:?}"
+    );
+    let moved = every_extent_moved(&before, &after, size)?;
+    let att = co.attach(&vol, "node-b").await?;
+    let (socket, export) = co.nbd_export(&vol.id, "node-b")?;
+    let io = VolumeIo::open_nbd(&socket, &export).await?;
+    let got = io.read_at(0, size).await?;
+    if let Some(i) =
+        tessera_e2e::io::first_difference(&got, &tessera_e2e::io::pattern(seed, 0, size))
+    {
+        bail!("after the move, byte {i} differs from what node-a wrote");
+    }
+    let compared = compare_with_areas(&io, &after, data_dir, size).await?;
+    io.close().await;
+    co.detach(&att).await?;
+    Ok(format!(
+        "generation {} → {}, {moved} extents moved with no node attached; node-b reads node-a's \
+         {} MiB back; {} MiB compared against the areas",
+        before.generation,
+        after.generation,
+        size >> 20,
+        compared >> 20
+    ))
+}
+
+/// A Move of `[0, size)` with an online copy.
+fn move_all_spec(volume: &str, size: u64, policy: RemapPolicy) -> VolumeRemapSpec {
+    VolumeRemapSpec {
+        volume_name: volume.into(),
+        operation: RemapOperation {
+            type_: RemapOperationType::Move,
+            r#move: Some(MoveRanges {
+                ranges: vec![VolumeRange {
+                    offset: 0,
+                    length: size as i64,
+                }],
+                target_areas: Vec::new(),
+            }),
+            evacuate_area: None,
+            release_ranges: None,
+        },
+        copy: CopyPolicy {
+            mode: CopyMode::Online,
+            ..CopyPolicy::default()
+        },
+        policy,
+    }
 }
 
 pub(crate) async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<VolumeMapping> {
@@ -472,10 +566,10 @@ pub(crate) async fn wait_final(
 }
 
 /// Every extent's replicas are on other areas than before; returns the extents checked.
-fn every_extent_moved(before: &VolumeMapping, after: &VolumeMapping) -> Result<usize> {
+fn every_extent_moved(before: &VolumeMapping, after: &VolumeMapping, size: u64) -> Result<usize> {
     let es = before.extent_size_bytes;
     let mut moved = 0;
-    for e in 0..(VOLUME_SIZE as i64 / es) {
+    for e in 0..(size as i64 / es) {
         let old: BTreeSet<String> = replicas(before, e * es).into_iter().map(|r| r.0).collect();
         let new = replicas(after, e * es);
         ensure!(!new.is_empty(), "extent {e} is a hole after the move");
@@ -522,11 +616,12 @@ async fn compare_with_areas(
     io: &VolumeIo,
     mapping: &VolumeMapping,
     data_dir: &Path,
+    size: u64,
 ) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let es = mapping.extent_size_bytes;
     let mut compared = 0;
-    for e in 0..(VOLUME_SIZE as i64 / es) {
+    for e in 0..(size as i64 / es) {
         let got = io.read_at((e * es) as u64, es as u64).await?;
         for (area, at) in replicas(mapping, e * es) {
             let path = area_file(data_dir, &area)?;

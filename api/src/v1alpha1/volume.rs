@@ -140,6 +140,10 @@ pub struct VirtualVolumeStatus {
 pub struct IncomingExtents {
     /// The VolumeRemap that reserved them.
     pub remap: String,
+    /// The node that copies when no node uses the volume: the lenders grant it the volume's
+    /// committed and incoming ranges for the duration of the move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copier: Option<String>,
     #[serde(default)]
     #[schemars(length(max = 4096))]
     pub ranges: Vec<AreaRange>,

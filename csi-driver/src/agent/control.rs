@@ -31,7 +31,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Agent, AgentError, cache, status};
 use crate::engine::gate::{Answer as GateAnswer, Effect, GateState, HoldScope, OpRef, Reply, Span};
-use crate::engine::{EngineError, Volume};
+use crate::engine::{EngineError, Volume, VolumeOptions};
 
 /// `(volume, operation_id, attempt)` of an ApplyMapping.
 pub(crate) type AnswerKey = (String, String, u32);
@@ -408,7 +408,6 @@ impl NodeControl for Service {
     ) -> Result<Response<CopyExtentsResponse>, Status> {
         let request = request.into_inner();
         let (volume_id, op) = op_ref(request.operation)?;
-        let volume = self.volume(&volume_id).await?;
         let (offset, length) = match (u64::try_from(request.offset), u64::try_from(request.length))
         {
             (Ok(o), Ok(l)) => (o, l),
@@ -430,6 +429,21 @@ impl NodeControl for Service {
                     .map_err(|_| Status::invalid_argument("destination areaOffset is negative"))
             })
             .collect::<Result<Vec<_>, Status>>()?;
+        let staged = {
+            let registry = self.agent.staged.lock().await;
+            registry
+                .volumes
+                .get(&volume_id)
+                .map(|v| Arc::clone(&v.volume))
+        };
+        let Some(volume) = staged else {
+            let copied = self
+                .copy_unused(&volume_id, &op, offset, length, &destination)
+                .await?;
+            return Ok(Response::new(CopyExtentsResponse {
+                bytes_copied: copied,
+            }));
+        };
         // The operator sequences the copy inside the hold of this operation: a copy of a range
         // writes may still reach would copy a moving target.
         match volume.hold_state() {
@@ -648,6 +662,81 @@ fn absent_step(
 pub const ABSENT: &str = "Absent";
 
 impl Service {
+    /// CopyExtents of a volume no node uses (seed 004 AS-28: the move needs no hold): the
+    /// copier named in `status.incoming` opens the committed mapping in a private engine
+    /// (no frontend), copies, and closes it. Refused when the volume is published anywhere:
+    /// then the copy must run inside a participant's hold.
+    async fn copy_unused(
+        &self,
+        volume_id: &str,
+        op: &OpRef,
+        offset: u64,
+        length: u64,
+        destination: &[ReplicaLocation],
+    ) -> Result<u64, Status> {
+        let object = self
+            .agent
+            .get_volume(volume_id)
+            .await
+            .map_err(|e| control_status(&e))?;
+        let access = object.spec.access_nodes();
+        if !access.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume_id} is published to {access:?} but not staged here: its copy \
+                 runs inside the hold of a node that has it staged"
+            )));
+        }
+        let map = Agent::model_map(&object).map_err(|e| control_status(&e))?;
+        let registry = self.agent.staged.lock().await;
+        if registry.volumes.contains_key(volume_id) {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume_id} was staged here meanwhile; retry the copy under its hold"
+            )));
+        }
+        let mut connected = self
+            .agent
+            .ensure_remote_areas(&registry, volume_id, &map)
+            .await
+            .map_err(|e| control_status(&e))?;
+        let result = async {
+            connected.extend(
+                self.agent
+                    .prepare_copy_destinations(
+                        &registry,
+                        volume_id,
+                        destination,
+                        length,
+                        op.generation,
+                    )
+                    .await
+                    .map_err(|e| control_status(&e))?,
+            );
+            let engine = Volume::open(
+                volume_id,
+                Arc::new(map),
+                Arc::clone(&self.agent.registry),
+                VolumeOptions::default(),
+            )
+            .map_err(|e| Status::internal(e.to_string()))?;
+            engine
+                .copy_range(offset, length, destination, op.generation, COPY_CHUNK)
+                .await
+                .map_err(|e| Status::internal(e.to_string()))
+        }
+        .await;
+        // Connections only this copy used are closed again.
+        self.agent.release_remote_areas(&registry, &connected).await;
+        let copied = result?;
+        tracing::info!(
+            volume = volume_id,
+            offset,
+            length,
+            copied,
+            "extents copied (volume not staged on any node)"
+        );
+        Ok(copied)
+    }
+
     /// The staged volume, or the answer of [`absent_step`] when it is not staged here.
     #[allow(clippy::result_large_err)]
     async fn staged_or_absent(

@@ -51,10 +51,17 @@ pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option
                 .collect()
         })
         .unwrap_or_default();
+    // A move of a volume nobody uses is copied by `status.incoming.copier`.
+    let copier = volume
+        .status
+        .as_ref()
+        .and_then(|s| s.incoming.as_ref())
+        .and_then(|i| i.copier.as_deref());
     let peers: BTreeSet<String> = volume
         .spec
         .access_nodes()
         .into_iter()
+        .chain(copier)
         .filter(|n| *n != node && !fenced.contains(n))
         .map(str::to_string)
         .collect();

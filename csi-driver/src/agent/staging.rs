@@ -259,7 +259,7 @@ impl Agent {
         }
     }
 
-    async fn get_volume(&self, volume_id: &str) -> Result<VirtualVolume, AgentError> {
+    pub(crate) async fn get_volume(&self, volume_id: &str) -> Result<VirtualVolume, AgentError> {
         let api: Api<VirtualVolume> = Api::all(self.client.clone());
         api.get_opt(volume_id)
             .await
@@ -268,7 +268,7 @@ impl Agent {
     }
 
     /// The committed mapping of `volume` as a model map.
-    fn model_map(volume: &VirtualVolume) -> Result<ExtentMap, AgentError> {
+    pub(crate) fn model_map(volume: &VirtualVolume) -> Result<ExtentMap, AgentError> {
         let name = volume.name_any();
         let mapping = volume
             .status

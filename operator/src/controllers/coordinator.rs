@@ -97,6 +97,10 @@ pub struct Record {
     pub chunk: Vec<u64>,
     /// The last progress message (`status.message` until the outcome is known).
     pub progress: Option<String>,
+    /// The node that copies for a move of a volume nobody uses (chosen once, published in
+    /// `status.incoming.copier` so the lenders grant it the ranges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copier: Option<String>,
 }
 
 impl Record {
@@ -251,6 +255,7 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
     // Every later write is conditional on the version this driver read or wrote: a second
     // writer (an old leader that has not noticed it lost the Lease) makes this one stop.
     driver.resource_version = resource_version;
+    driver.prepare().await?;
     if restarted {
         driver.resume_reservation().await;
         driver.input(Input::Planner(Event::Restarted)).await?;
@@ -519,6 +524,7 @@ async fn start(remap: &VolumeRemap, ctx: &Context) -> Result<std::result::Result
         maps: BTreeMap::new(),
         chunk: Vec::new(),
         progress: None,
+        copier: None,
     };
     record.chunk = record.next_chunk();
     // Intent: the record (with the reserved destinations) is in the API before the lock is
@@ -616,10 +622,35 @@ impl Driver {
         }
     }
 
-    async fn run(mut self) -> Result<Action> {
+    /// Before the first step of this drive: the copier of a move nobody uses, and the move's
+    /// destinations published for the lenders (`status.incoming`) before anything is copied.
+    async fn prepare(&mut self) -> Result<()> {
         if !self.record.state.is_finished() {
+            // Nobody uses the volume: one node copies every chunk, the node of the first
+            // moved extent's source (it reads that much locally); recorded before use.
+            if self.record.state.active_nodes().is_empty()
+                && self.record.copier.is_none()
+                && let Plan::Move { moves, .. } = &self.record.plan
+                && let Some(first) = moves.keys().next()
+            {
+                let committed = self.record.committed();
+                self.record.copier = replicas_at(&committed, *first).iter().find_map(|r| {
+                    self.ctx
+                        .stores
+                        .areas
+                        .get(&ObjectRef::new(&r.area))
+                        .map(|a| a.spec.node_name.clone())
+                });
+                if self.record.copier.is_some() {
+                    self.persist().await?;
+                }
+            }
             self.set_incoming().await?;
         }
+        Ok(())
+    }
+
+    async fn run(mut self) -> Result<Action> {
         while !self.record.state.is_finished() {
             tokio::select! {
                 input = self.rx.recv() => match input {
@@ -1131,6 +1162,7 @@ impl Driver {
         let incoming = IncomingExtents {
             remap: self.name(),
             ranges,
+            copier: self.record.copier.clone(),
         };
         let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
         patch_status(
@@ -1479,6 +1511,9 @@ async fn copy_chunk(
 fn copier_node(record: &Record, ctx: &Context) -> std::result::Result<String, String> {
     if let Some(node) = record.state.active_nodes().into_iter().next() {
         return Ok(node);
+    }
+    if let Some(node) = &record.copier {
+        return Ok(node.clone());
     }
     let committed = record.committed();
     for e in &record.chunk {
