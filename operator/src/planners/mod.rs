@@ -13,6 +13,8 @@
 //!   forms, [0017]–[0020]).
 //! - [`remap`] — the VolumeRemap coordinator (seed 004 §6/§7.3), `step(state, event)`.
 //! - [`migration`] — online migration copy states and routing (seed 004 Figs. 22–26).
+//! - [`mirror`] — mirror pairs: pair states, the secondary mount check, secondary selection and
+//!   the resync extent set (seed 003; docs/mirror.md), `step(state, event)`.
 //!
 //! **Unit.** All planners count in *extents*, the pool's allocation unit
 //! (`StoragePool.spec.extentSizeBytes`), which is seed 000's "block" ([0017], [0031]). Only
@@ -27,6 +29,7 @@ pub mod accounting;
 pub mod allocation;
 pub mod charging;
 pub mod migration;
+pub mod mirror;
 pub mod placement;
 pub mod remap;
 
