@@ -303,20 +303,7 @@ async fn load_and_remap(
         fio_lines.push(format!("{node} {writes} writes"));
     }
 
-    let after_volume = volumes.get(&vol.id).await?;
-    let after = after_volume
-        .status
-        .as_ref()
-        .and_then(|s| s.mapping.clone())
-        .context("no mapping after the remap")?;
-    let incoming = after_volume
-        .status
-        .as_ref()
-        .and_then(|s| s.incoming.clone());
-    ensure!(
-        incoming.is_none(),
-        "status.incoming left behind: {incoming:?}"
-    );
+    let (after_volume, after) = settled_volume(&volumes, &vol.id).await?;
     let message = status.message.clone().unwrap_or_default();
     match s.fault {
         Fault::None | Fault::Unused | Fault::KillInsideQuiesce => {
@@ -412,20 +399,7 @@ async fn remap_unused(
         status.phase,
         status.message
     );
-    let after_volume = volumes.get(&vol.id).await?;
-    let after = after_volume
-        .status
-        .as_ref()
-        .and_then(|s| s.mapping.clone())
-        .context("no mapping")?;
-    let incoming = after_volume
-        .status
-        .as_ref()
-        .and_then(|s| s.incoming.clone());
-    ensure!(
-        incoming.is_none(),
-        "status.incoming left behind: {incoming:?}"
-    );
+    let (_, after) = settled_volume(&volumes, &vol.id).await?;
     let moved = every_extent_moved(&before, &after, size)?;
     let att = co.attach(&vol, "node-b").await?;
     let (socket, export) = co.nbd_export(&vol.id, "node-b")?;
@@ -449,8 +423,24 @@ async fn remap_unused(
     ))
 }
 
+/// The volume after its remap ended, and its mapping; a move must leave no `status.incoming`.
+async fn settled_volume(
+    volumes: &Api<VirtualVolume>,
+    id: &str,
+) -> Result<(VirtualVolume, VolumeMapping)> {
+    let volume = volumes.get(id).await?;
+    let status = volume.status.clone().unwrap_or_default();
+    let mapping = status.mapping.context("no mapping after the remap")?;
+    ensure!(
+        status.incoming.is_none(),
+        "status.incoming left behind: {:?}",
+        status.incoming
+    );
+    Ok((volume, mapping))
+}
+
 /// A Move of `[0, size)` with an online copy.
-fn move_all_spec(volume: &str, size: u64, policy: RemapPolicy) -> VolumeRemapSpec {
+pub(crate) fn move_all_spec(volume: &str, size: u64, policy: RemapPolicy) -> VolumeRemapSpec {
     VolumeRemapSpec {
         volume_name: volume.into(),
         operation: RemapOperation {

@@ -18,9 +18,8 @@ use kube::Api;
 use kube::api::PostParams;
 use tessera::local::{LocalCluster, LocalConfig};
 use tessera_api::v1alpha1::{
-    CopyMode, CopyPolicy, MoveRanges, ReclaimTier, ReleaseRanges, RemapOperation,
-    RemapOperationType, RemapPhase, RemapPolicy, VirtualVolume, VolumeMapping, VolumeRange,
-    VolumeRemap, VolumeRemapSpec,
+    CopyPolicy, ReclaimTier, ReleaseRanges, RemapOperation, RemapOperationType, RemapPhase,
+    RemapPolicy, VirtualVolume, VolumeMapping, VolumeRange, VolumeRemap, VolumeRemapSpec,
 };
 use tessera_e2e::co::{Access, Orchestrator, VolumeRequest};
 use tessera_e2e::{Environment, Options};
@@ -237,26 +236,7 @@ fn release(name: &str, volume: &str, offset: i64, length: i64) -> VolumeRemap {
 fn move_all(name: &str, volume: &str) -> VolumeRemap {
     VolumeRemap::new(
         name,
-        VolumeRemapSpec {
-            volume_name: volume.into(),
-            operation: RemapOperation {
-                type_: RemapOperationType::Move,
-                r#move: Some(MoveRanges {
-                    ranges: vec![VolumeRange {
-                        offset: 0,
-                        length: VOLUME as i64,
-                    }],
-                    target_areas: Vec::new(),
-                }),
-                evacuate_area: None,
-                release_ranges: None,
-            },
-            copy: CopyPolicy {
-                mode: CopyMode::Online,
-                ..CopyPolicy::default()
-            },
-            policy: RemapPolicy::default(),
-        },
+        super::move_all_spec(volume, VOLUME, RemapPolicy::default()),
     )
 }
 

@@ -1031,39 +1031,25 @@ impl Driver {
                 "fence not acknowledged by the node; marked Fenced"
             ),
         }
-        let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
-        for _ in 0..10 {
-            let Some(volume) = volumes.get_opt(&self.record.volume).await? else {
-                return Ok(());
-            };
+        let applied = self.record.state.committed_generation.get() as i64;
+        update_volume_status(&self.ctx, &self.record.volume, |volume| {
             let mut attachments = volume
                 .status
                 .as_ref()
                 .map(|s| s.attachments.clone())
                 .unwrap_or_default();
             match attachments.iter_mut().find(|a| a.node == node) {
-                Some(a) if a.state == AttachmentState::Fenced => return Ok(()),
+                Some(a) if a.state == AttachmentState::Fenced => return None,
                 Some(a) => a.state = AttachmentState::Fenced,
                 None => attachments.push(tessera_api::v1alpha1::VolumeAttachment {
                     node: node.to_string(),
-                    applied_generation: self.record.state.committed_generation.get() as i64,
+                    applied_generation: applied,
                     state: AttachmentState::Fenced,
                 }),
             }
-            match patch_status(
-                &volumes,
-                &self.record.volume,
-                json!({ "attachments": attachments }),
-                volume.resource_version().as_deref(),
-            )
-            .await
-            {
-                Ok(_) => return Ok(()),
-                Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+            Some(json!({ "attachments": attachments }))
+        })
+        .await
     }
 
     /// `VirtualVolume.status.mapping` := the map of `generation`, conditional on the version
@@ -1073,36 +1059,15 @@ impl Driver {
         let Some(map) = self.record.maps.get(&g).cloned() else {
             return Err(Error::MissingField("the map of the committed generation"));
         };
-        let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
-        for _ in 0..10 {
-            let Some(volume) = volumes.get_opt(&self.record.volume).await? else {
-                return Ok(());
-            };
+        update_volume_status(&self.ctx, &self.record.volume, |volume| {
             let current = volume
                 .status
                 .as_ref()
                 .and_then(|s| s.mapping.as_ref())
                 .map_or(0, |m| m.generation);
-            if current >= g {
-                return Ok(());
-            }
-            match patch_status(
-                &volumes,
-                &self.record.volume,
-                json!({ "mapping": map }),
-                volume.resource_version().as_deref(),
-            )
-            .await
-            {
-                Ok(_) => return Ok(()),
-                Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::Stale(format!(
-            "could not record generation {g} of volume {}",
-            self.record.volume
-        )))
+            (current < g).then(|| json!({ "mapping": map }))
+        })
+        .await
     }
 
     /// 631/632: the cycle's copy (moves) or re-check (release), in a task; the result comes
@@ -1179,36 +1144,16 @@ impl Driver {
     /// pool must not stay granted to the volume's nodes. Errors propagate (the reconcile retries
     /// `finish`), and the reservation is released only afterwards.
     async fn clear_incoming(&self) -> Result<()> {
-        let volumes: Api<VirtualVolume> = Api::all(self.ctx.client.clone());
-        for _ in 0..10 {
-            let Some(volume) = volumes.get_opt(&self.record.volume).await? else {
-                return Ok(());
-            };
+        let name = self.name();
+        update_volume_status(&self.ctx, &self.record.volume, |volume| {
             let ours = volume
                 .status
                 .as_ref()
                 .and_then(|s| s.incoming.as_ref())
-                .is_some_and(|i| i.remap == self.name());
-            if !ours {
-                return Ok(());
-            }
-            match patch_status(
-                &volumes,
-                &self.record.volume,
-                json!({ "incoming": null }),
-                volume.resource_version().as_deref(),
-            )
-            .await
-            {
-                Ok(_) => return Ok(()),
-                Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::Stale(format!(
-            "VirtualVolume {}: status.incoming kept conflicting",
-            self.record.volume
-        )))
+                .is_some_and(|i| i.remap == name);
+            ours.then(|| json!({ "incoming": null }))
+        })
+        .await
     }
 
     /// The operation ended: reservations, claim events, metrics.
@@ -1290,6 +1235,40 @@ impl Driver {
         }
         Ok(())
     }
+}
+
+/// A read-modify-write of `VirtualVolume.status`, conditional on the version read and retried
+/// on conflict (10 times): `change` gives the merge patch of the status, or `None` when there
+/// is nothing to write. A volume that is gone needs nothing.
+async fn update_volume_status(
+    ctx: &Context,
+    volume: &str,
+    change: impl Fn(&VirtualVolume) -> Option<serde_json::Value>,
+) -> Result<()> {
+    let volumes: Api<VirtualVolume> = Api::all(ctx.client.clone());
+    for _ in 0..10 {
+        let Some(current) = volumes.get_opt(volume).await? else {
+            return Ok(());
+        };
+        let Some(patch) = change(&current) else {
+            return Ok(());
+        };
+        match patch_status(
+            &volumes,
+            volume,
+            patch,
+            current.resource_version().as_deref(),
+        )
+        .await
+        {
+            Ok(_) => return Ok(()),
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::Stale(format!(
+        "VirtualVolume {volume}: status kept conflicting"
+    )))
 }
 
 /// Polls the volume cache until it shows `generation` (5 s at most).
