@@ -54,6 +54,8 @@ enum Fault {
     None,
     /// Not a fault: the volume is used by no node (AS-28), no load.
     Unused,
+    /// Not a fault: EvacuateArea of an attached volume's area, no load.
+    Evacuate,
     /// node-c aborts inside its first Quiesce, after setting the hold.
     KillInsideQuiesce,
     /// node-b refuses its first Commit.
@@ -82,6 +84,10 @@ fn scenarios() -> Vec<Scenario> {
         Scenario {
             name: "remap_moves_a_volume_no_node_uses_as28",
             fault: Fault::Unused,
+        },
+        Scenario {
+            name: "remap_evacuates_the_area_of_an_attached_volume",
+            fault: Fault::Evacuate,
         },
     ]
 }
@@ -182,7 +188,7 @@ async fn run_scenario(s: &Scenario) -> Result<String> {
         .context("scratch directory")?;
     let data_dir = scratch.path().join("local");
     let failpoints = match s.fault {
-        Fault::None | Fault::Unused => None,
+        Fault::None | Fault::Unused | Fault::Evacuate => None,
         Fault::KillInsideQuiesce => Some("tessera-node-quiesce-crash=1*return(node-c)"),
         Fault::CommitFails => Some("tessera-node-commit=1*return(node-b)"),
     };
@@ -217,10 +223,10 @@ async fn scenario_body(s: &Scenario, data_dir: &Path, work_dir: &Path) -> Result
     };
     let env = Environment::from_endpoints(&data_dir.join("endpoints.json"), options).await?;
     let mut co = Orchestrator::new(&env);
-    let outcome = if s.fault == Fault::Unused {
-        remap_unused(&env, &mut co, data_dir).await
-    } else {
-        load_and_remap(s, &env, &mut co, data_dir).await
+    let outcome = match s.fault {
+        Fault::Unused => remap_unused(&env, &mut co, data_dir).await,
+        Fault::Evacuate => evacuate(&env, &mut co, data_dir).await,
+        _ => load_and_remap(s, &env, &mut co, data_dir).await,
     };
     // A killed node cannot unstage: its part of the cleanup fails and is not the test's verdict.
     if let Err(e) = co.cleanup().await
@@ -306,7 +312,7 @@ async fn load_and_remap(
     let (after_volume, after) = settled_volume(&volumes, &vol.id).await?;
     let message = status.message.clone().unwrap_or_default();
     match s.fault {
-        Fault::None | Fault::Unused | Fault::KillInsideQuiesce => {
+        Fault::None | Fault::Unused | Fault::Evacuate | Fault::KillInsideQuiesce => {
             ensure!(
                 phase == RemapPhase::Succeeded,
                 "remap ended {phase:?}: {message}"
@@ -419,6 +425,84 @@ async fn remap_unused(
         before.generation,
         after.generation,
         size >> 20,
+        compared >> 20
+    ))
+}
+
+/// EvacuateArea on real nodes: a 64 MiB volume attached on node-a with a pattern written; the
+/// area of its first extent is evacuated while it stays attached; afterwards no extent is on
+/// that area and node-a reads the pattern back from the new areas.
+async fn evacuate(env: &Environment, co: &mut Orchestrator<'_>, data_dir: &Path) -> Result<String> {
+    let size = 64u64 << 20;
+    let vol = co
+        .create_volume(&VolumeRequest::block("remap-evacuate", size, "high"))
+        .await?;
+    let att = co.attach(&vol, "node-a").await?;
+    let (socket, export) = co.nbd_export(&vol.id, "node-a")?;
+    let io = VolumeIo::open_nbd(&socket, &export).await?;
+    let seed = 7;
+    io.write_at(0, &tessera_e2e::io::pattern(seed, 0, size))
+        .await?;
+    let volumes: Api<VirtualVolume> = Api::all(env.kube.clone());
+    let before = mapping_of(&volumes, &vol.id).await?;
+    let (area, _) = replicas(&before, 0)
+        .into_iter()
+        .next()
+        .context("extent 0 is a hole")?;
+    let remaps: Api<VolumeRemap> = Api::all(env.kube.clone());
+    let name = "evacuate-area";
+    let spec = VolumeRemapSpec {
+        volume_name: vol.id.clone(),
+        operation: RemapOperation {
+            type_: RemapOperationType::EvacuateArea,
+            r#move: None,
+            evacuate_area: Some(tessera_api::v1alpha1::EvacuateArea { area: area.clone() }),
+            release_ranges: None,
+        },
+        copy: CopyPolicy {
+            mode: CopyMode::Online,
+            ..CopyPolicy::default()
+        },
+        policy: RemapPolicy::default(),
+    };
+    remaps
+        .create(&PostParams::default(), &VolumeRemap::new(name, spec))
+        .await?;
+    let remap = wait_final(&remaps, name, Duration::from_secs(120)).await?;
+    let status = remap.status.clone().unwrap_or_default();
+    ensure!(
+        status.phase == Some(RemapPhase::Succeeded),
+        "evacuation ended {:?}: {:?}",
+        status.phase,
+        status.message
+    );
+    let (_, after) = settled_volume(&volumes, &vol.id).await?;
+    let es = after.extent_size_bytes;
+    let mut moved = 0;
+    for e in 0..(size as i64 / es) {
+        let now: Vec<String> = replicas(&after, e * es).into_iter().map(|r| r.0).collect();
+        ensure!(
+            !now.contains(&area),
+            "extent {e} is still on the evacuated {area}"
+        );
+        if replicas(&before, e * es).iter().any(|r| r.0 == area) {
+            moved += 1;
+        }
+    }
+    let got = io.read_at(0, size).await?;
+    if let Some(i) =
+        tessera_e2e::io::first_difference(&got, &tessera_e2e::io::pattern(seed, 0, size))
+    {
+        bail!("after the evacuation, byte {i} differs from what node-a wrote");
+    }
+    let compared = compare_with_areas(&io, &after, data_dir, size).await?;
+    io.close().await;
+    co.detach(&att).await?;
+    Ok(format!(
+        "{area} evacuated under a quiesce of node-a: {moved} extents moved, generation {} → {}; \
+         node-a reads its pattern back; {} MiB compared against the areas",
+        before.generation,
+        after.generation,
         compared >> 20
     ))
 }
