@@ -571,6 +571,8 @@ fn spawn_fio(socket: &Path, export: &str, offset: u64, size: u64) -> Result<toki
             "--verify=crc32c",
             "--verify_backlog=512",
             "--verify_fatal=1",
+            // A killed job would leave a `*-verify.state` file in the working directory.
+            "--verify_state_save=0",
             "--loops=100",
             "--runtime=25",
             "--output-format=json",

@@ -757,12 +757,20 @@ impl Driver {
             // Write-ahead only where something is about to happen: a step that only records
             // an answer (the others are still awaited) acts on nothing, and a restart from the
             // previous record re-sends that message, which the node answers again from its
-            // record (idempotent steps). Timers and events need no record either. Inside a
-            // hold this halves the API writes (docs/benchmarks/remap.md).
-            let acts = commands
-                .iter()
-                .any(|c| !matches!(c, Command::StartTimer { .. } | Command::Report { .. }));
-            if acts || self.record.state.phase != before.phase {
+            // record (idempotent steps). Timers and events need no record either. Nor does
+            // entering Copying: the copy only writes reserved destinations and is repeated
+            // whole by a restart from the Quiescing record (whose re-sent quiesces the nodes
+            // answer again), so that write would only lengthen the hold. Inside a hold this
+            // more than halves the API writes (docs/benchmarks/remap.md).
+            let acts = commands.iter().any(|c| {
+                !matches!(
+                    c,
+                    Command::StartTimer { .. } | Command::Report { .. } | Command::Copy { .. }
+                )
+            });
+            let entered = self.record.state.phase != before.phase
+                && self.record.state.phase != RemapPhase::Copying;
+            if acts || entered {
                 self.persist().await?;
             }
             for command in commands {
