@@ -61,11 +61,13 @@ mod dirty;
 pub mod error;
 pub mod gate;
 pub mod health;
+pub mod mirror;
 pub mod usage;
 mod volume;
 
 pub use error::EngineError;
 pub use health::{HealthState, VolumeHealth};
+pub use mirror::{LegMode, LegView, MirrorLegSpec};
 pub use usage::{ApplyOutcome, UsageDecodeError, UsageDelta, UsageMirror};
 pub use volume::{
     DEFAULT_HOLD_TIMEOUT_MS, GateView, MAX_EXTENTS, UsageInit, Volume, VolumeOptions,

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use futures::future::join_all;
@@ -25,6 +25,7 @@ use super::gate::{
     Admission, Effect, GateState, HoldRecord, IoGate, Millis, OpRef, Refusal, RequestId, Span,
 };
 use super::health::{ReplicaHealth, VolumeHealth};
+use super::mirror::{DirtyReports, LegMode, LegView, MirrorLegSpec};
 use super::usage::{UsageDelta, UsageTracker};
 use crate::backend::{AreaBackend, AreaRegistry, BackendError};
 
@@ -138,6 +139,12 @@ pub struct Volume {
     health: ReplicaHealth,
     usage: UsageTracker,
     dirty: DirtyTracker,
+    /// The secondary of a mirror pair this volume is the primary of (`engine::mirror`).
+    leg: ArcSwapOption<MirrorLegSpec>,
+    /// Why the leg was suspended (M-18), until it is set again.
+    leg_failure: Mutex<Option<String>>,
+    /// Dirty bits handed to the operator and not acknowledged yet.
+    dirty_reports: Mutex<DirtyReports>,
 }
 
 impl std::fmt::Debug for Volume {
@@ -210,6 +217,9 @@ impl Volume {
             health: ReplicaHealth::default(),
             usage,
             dirty: DirtyTracker::new(extents),
+            leg: ArcSwapOption::empty(),
+            leg_failure: Mutex::new(None),
+            dirty_reports: Mutex::new(DirtyReports::default()),
         })
     }
 
@@ -706,16 +716,18 @@ impl Volume {
         self.dirty.mark(extents.clone());
         // Seed 000 Fig. 8 steps 804–812, before the data is issued (see `usage`).
         self.usage.mark_written(extents.clone());
-        let results = self
-            .mutate(&map, &segments, |segment| {
-                let start = (segment.offset() - offset) as usize;
-                let end = start + segment.length() as usize;
-                Mutation::Write {
-                    data: data.slice(start..end),
-                    fua,
-                }
-            })
-            .await;
+        let mutation = |segment: &Segment<'_>| {
+            let start = (segment.offset() - offset) as usize;
+            let end = start + segment.length() as usize;
+            Mutation::Write {
+                data: data.slice(start..end),
+                fua,
+            }
+        };
+        let (results, ()) = tokio::join!(
+            self.mutate(&map, &segments, mutation),
+            self.mirror(range, mutation)
+        );
         self.dirty.mark(extents);
         first_error(results)
     }
@@ -754,7 +766,10 @@ impl Volume {
         let segments: Vec<Segment<'_>> = map.translate(range)?.collect();
         let extents = range.extent_indices(map.extent_size());
         self.dirty.mark(extents.clone());
-        let results = self.mutate(&map, &segments, |_| mutation.clone()).await;
+        let (results, ()) = tokio::join!(
+            self.mutate(&map, &segments, |_| mutation.clone()),
+            self.mirror(range, |_| mutation.clone())
+        );
         self.dirty.mark(extents);
         // Clear the usage of whole extents whose piece succeeded (holes trivially did).
         let whole = segments
@@ -846,7 +861,9 @@ impl Volume {
     pub async fn flush(&self) -> Result<(), EngineError> {
         // A whole-volume span: any hold parks it (docs/remap.md "Flush is a whole-volume span").
         let (map, _in_flight) = self.pin(Span::WholeVolume).await?;
-        self.flush_map(&map).await
+        self.flush_map(&map).await?;
+        self.flush_leg().await;
+        Ok(())
     }
 
     /// A flush that does not wait for the gate: for teardown while a remap holds the volume
@@ -1016,6 +1033,237 @@ impl Volume {
     /// The dirty extents, without clearing them.
     pub fn dirty_extents(&self) -> RoaringBitmap {
         self.dirty.peek()
+    }
+
+    /// Sets, changes or removes the mirror leg (`engine::mirror`). Setting it turns dirty
+    /// tracking on (from empty when it was off) *before* the leg takes effect, so a write
+    /// already in flight, which is not mirrored, is still marked by its completion.
+    /// `reset_dirty` starts the tracking afresh: the split cut, under a hold of the whole
+    /// volume, when primary and secondary are equal. Removing the leg stops tracking.
+    pub fn set_mirror_leg(
+        &self,
+        leg: Option<MirrorLegSpec>,
+        reset_dirty: bool,
+    ) -> Result<(), EngineError> {
+        let Some(leg) = leg else {
+            self.leg.store(None);
+            self.dirty.disable();
+            self.dirty_reports.lock().clear();
+            *self.leg_failure.lock() = None;
+            return Ok(());
+        };
+        let map = self.map.load();
+        if leg.map.extent_size() != map.extent_size() {
+            return Err(EngineError::IncompatibleMap {
+                reason: format!(
+                    "secondary {} has extent size {}, the primary {}",
+                    leg.secondary,
+                    leg.map.extent_size(),
+                    map.extent_size()
+                ),
+            });
+        }
+        if leg.map.size_bytes() < map.size_bytes() {
+            return Err(EngineError::IncompatibleMap {
+                reason: format!(
+                    "secondary {} ({} bytes) is smaller than the primary ({} bytes)",
+                    leg.secondary,
+                    leg.map.size_bytes(),
+                    map.size_bytes()
+                ),
+            });
+        }
+        if let Some(hole) = leg
+            .map
+            .runs()
+            .iter()
+            .find(|r| r.is_hole() && r.offset < map.size_bytes())
+        {
+            return Err(EngineError::IncompatibleMap {
+                reason: format!(
+                    "secondary {} has a hole at byte {} (a mirror needs every extent allocated)",
+                    leg.secondary, hole.offset
+                ),
+            });
+        }
+        check_extent_count(&leg.map)?;
+        check_areas(&leg.map, &self.areas)?;
+        self.dirty.enable();
+        if reset_dirty {
+            self.dirty.snapshot_and_clear();
+            self.dirty_reports.lock().clear();
+        }
+        if leg.mode == LegMode::Mirror {
+            *self.leg_failure.lock() = None;
+        }
+        tracing::info!(volume = %self.name, secondary = %leg.secondary, mode = %leg.mode,
+            reset_dirty, "mirror leg set");
+        self.leg.store(Some(Arc::new(leg)));
+        Ok(())
+    }
+
+    /// The mirror leg, if any.
+    pub fn mirror_leg(&self) -> Option<LegView> {
+        let leg = self.leg.load_full()?;
+        Some(LegView {
+            secondary: leg.secondary.clone(),
+            mode: leg.mode,
+            secondary_generation: leg.map.generation(),
+            failure: self.leg_failure.lock().clone(),
+        })
+    }
+
+    /// Dirty extents for the operator: every bit not acknowledged yet (`acknowledge` names the
+    /// sequence of the answer the operator persisted; 0 acknowledges nothing), with the
+    /// sequence of this answer. Lossless when answers are lost or repeated
+    /// (`engine::mirror::DirtyReports`).
+    pub fn collect_dirty(&self, acknowledge: u64) -> (u64, RoaringBitmap) {
+        let mut reports = self.dirty_reports.lock();
+        let fresh = self.dirty.snapshot_and_clear();
+        reports.collect(acknowledge, fresh)
+    }
+
+    /// Issues a data-changing request to the secondary as well, in `Mirror` mode. A piece the
+    /// secondary fails suspends the leg (M-18); the extents are dirty already.
+    async fn mirror(&self, range: ByteRange, mutation: impl Fn(&Segment<'_>) -> Mutation) {
+        let Some(leg) = self.leg.load_full() else {
+            return;
+        };
+        if leg.mode != LegMode::Mirror {
+            return;
+        }
+        let end = range.end();
+        if end > leg.map.size_bytes() {
+            self.suspend_leg(
+                &leg,
+                format!("write beyond the secondary's end at byte {end}"),
+            );
+            return;
+        }
+        let segments: Vec<Segment<'_>> = match leg.map.translate(range) {
+            Ok(segments) => segments.collect(),
+            Err(e) => {
+                self.suspend_leg(&leg, e.to_string());
+                return;
+            }
+        };
+        if let Some(hole) = segments.iter().find(|s| s.is_hole()) {
+            let at = hole.offset();
+            self.suspend_leg(&leg, format!("the secondary has a hole at byte {at}"));
+            return;
+        }
+        let results = self.mutate(&leg.map, &segments, mutation).await;
+        if let Err(e) = first_error(results) {
+            self.suspend_leg(&leg, e.to_string());
+        }
+    }
+
+    /// Makes the mirrored writes durable on the secondary; a failure suspends the leg.
+    async fn flush_leg(&self) {
+        let Some(leg) = self.leg.load_full() else {
+            return;
+        };
+        if let Err(e) = self.flush_map(&leg.map).await {
+            self.suspend_leg(&leg, format!("flush: {e}"));
+        }
+    }
+
+    /// The leg falls back to tracking (unless it was replaced meanwhile).
+    fn suspend_leg(&self, leg: &Arc<MirrorLegSpec>, cause: String) {
+        let tracked = Arc::new(MirrorLegSpec {
+            mode: LegMode::Track,
+            ..MirrorLegSpec::clone(leg)
+        });
+        let previous = self.leg.compare_and_swap(leg, Some(tracked));
+        if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, leg)) {
+            tracing::warn!(volume = %self.name, secondary = %leg.secondary, %cause,
+                "mirror leg suspended: the secondary failed a write; tracking dirty extents");
+            *self.leg_failure.lock() = Some(cause);
+        }
+    }
+
+    /// Copies the given extents of the volume (its active map) to the mirror leg: the formation
+    /// copy and the resync of seed 003. Each piece is read from the primary and written to every
+    /// replica of the secondary. `gated`: each piece is admitted through the I/O gate as a
+    /// reader, so a remap of the primary holds and drains it like any request; pass `false`
+    /// only while the caller holds the whole volume (the final pass of a converge, which would
+    /// otherwise park behind its own hold). Correct against concurrent writes only together
+    /// with the dirty bits: a write racing with the copy of an extent marks it for the next
+    /// pass. Returns the bytes copied; the leg's areas are flushed before it returns.
+    pub async fn copy_to_leg(
+        &self,
+        extents: &RoaringBitmap,
+        gated: bool,
+    ) -> Result<u64, EngineError> {
+        let leg = self
+            .leg
+            .load_full()
+            .ok_or_else(|| EngineError::IncompatibleMap {
+                reason: "the volume has no mirror leg".into(),
+            })?;
+        let extent_size = self.map.load().extent_size();
+        let size = self.size();
+        // Pieces of at most one extent and 1 MiB: each lies in one run of both maps.
+        let piece_max = extent_size.get().min(1 << 20);
+        let mut pieces = Vec::new();
+        for extent in extents.iter() {
+            let Some(start) = extent_size.start_of(u64::from(extent)) else {
+                continue;
+            };
+            if start >= size {
+                continue;
+            }
+            let end = start.saturating_add(extent_size.get()).min(size);
+            let mut at = start;
+            while at < end {
+                let length = piece_max.min(end - at);
+                pieces.push(ByteRange::new(at, length)?);
+                at += length;
+            }
+        }
+        let leg = &leg;
+        let results: Vec<Result<u64, EngineError>> = futures::stream::iter(pieces)
+            .map(|piece| async move {
+                let (map, _in_flight) = if gated {
+                    let (map, guard) = self.pin(Span::of_bytes(piece, extent_size)).await?;
+                    (map, Some(guard))
+                } else {
+                    (self.map.load_full(), None)
+                };
+                let source: Vec<Segment<'_>> = map.translate(piece)?.collect();
+                let mut data = BytesMut::with_capacity(piece.length() as usize);
+                for segment in &source {
+                    data.extend_from_slice(&self.read_piece(map.generation(), segment).await?);
+                }
+                let data = data.freeze();
+                let target: Vec<Segment<'_>> = leg.map.translate(piece)?.collect();
+                if let Some(hole) = target.iter().find(|s| s.is_hole()) {
+                    return Err(EngineError::NeedsAllocation {
+                        range: hole.range(),
+                    });
+                }
+                let results = self
+                    .mutate(&leg.map, &target, |segment| {
+                        let start = (segment.offset() - piece.offset()) as usize;
+                        let end = start + segment.length() as usize;
+                        Mutation::Write {
+                            data: data.slice(start..end),
+                            fua: false,
+                        }
+                    })
+                    .await;
+                first_error(results)?;
+                Ok(piece.length())
+            })
+            .buffer_unordered(COPY_DEPTH)
+            .collect()
+            .await;
+        let mut copied = 0;
+        for result in results {
+            copied += result?;
+        }
+        self.flush_map(&leg.map).await?;
+        Ok(copied)
     }
 }
 
