@@ -508,19 +508,27 @@ async fn evacuate(env: &Environment, co: &mut Orchestrator<'_>, data_dir: &Path)
 }
 
 /// The volume after its remap ended, and its mapping; a move must leave no `status.incoming`.
+/// The coordinator removes it right after it records the final phase (`finish`), so it is
+/// given a few seconds.
 async fn settled_volume(
     volumes: &Api<VirtualVolume>,
     id: &str,
 ) -> Result<(VirtualVolume, VolumeMapping)> {
-    let volume = volumes.get(id).await?;
-    let status = volume.status.clone().unwrap_or_default();
-    let mapping = status.mapping.context("no mapping after the remap")?;
-    ensure!(
-        status.incoming.is_none(),
-        "status.incoming left behind: {:?}",
-        status.incoming
-    );
-    Ok((volume, mapping))
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let volume = volumes.get(id).await?;
+        let status = volume.status.clone().unwrap_or_default();
+        let mapping = status.mapping.context("no mapping after the remap")?;
+        if status.incoming.is_none() {
+            return Ok((volume, mapping));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "status.incoming left behind 10 s after the remap ended: {:?}",
+            status.incoming
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A Move of `[0, size)` with an online copy.

@@ -138,6 +138,27 @@ impl NodeControl for Served {
         Err(Status::unimplemented("not in this fake"))
     }
 
+    async fn set_mirror_leg(
+        &self,
+        _: Request<pb::SetMirrorLegRequest>,
+    ) -> Result<Response<pb::MirrorLegResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn collect_dirty(
+        &self,
+        _: Request<pb::CollectDirtyRequest>,
+    ) -> Result<Response<pb::CollectDirtyResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
+    async fn copy_to_leg(
+        &self,
+        _: Request<pb::CopyToLegRequest>,
+    ) -> Result<Response<pb::CopyToLegResponse>, Status> {
+        Err(Status::unimplemented("not in this fake"))
+    }
+
     async fn stage_mapping(
         &self,
         request: Request<pb::StageMappingRequest>,

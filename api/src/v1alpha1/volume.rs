@@ -132,6 +132,43 @@ pub struct VirtualVolumeStatus {
     /// them. Written by the remap coordinator before its first copy, removed when it ends.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incoming: Option<IncomingExtents>,
+    /// The mirror pair this volume belongs to (seed 003), written by the mirror controller.
+    /// Nodes that stage a primary set up its mirror leg from it; the lenders of a secondary
+    /// grant its ranges to `writers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorLink>,
+}
+
+/// A volume's place in a mirror pair (`status.mirror`; docs/mirror.md §7).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorLink {
+    /// The MirrorPair.
+    pub pair: String,
+    pub role: MirrorRole,
+    /// The other volume of the pair.
+    pub peer: String,
+    /// Primary: what a node staging it does with writes. Secondary: unused.
+    pub leg: MirrorLegMode,
+    /// Secondary: nodes that write it as the primary's mirror leg (or copy into it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub writers: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MirrorRole {
+    Primary,
+    Secondary,
+}
+
+/// The primary's data path towards its secondary (seed 003 claim 1).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum MirrorLegMode {
+    /// Every write goes to both volumes (Copying, Paired, Resyncing).
+    Mirror,
+    /// Writes are only recorded as dirty (Split, or after the secondary failed).
+    Track,
 }
 
 /// The destinations of the volume's unfinished remap (`status.incoming`).

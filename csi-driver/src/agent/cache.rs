@@ -37,6 +37,9 @@ pub struct CachedVolume {
     /// plugin comes back held from it. `mapping` is then the hold's active map.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hold: Option<CachedHold>,
+    /// The volume had a mirror leg (seed 003): a restart must set it up again before serving.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror_primary: bool,
 }
 
 /// [`HoldRecord`] in the cache file.

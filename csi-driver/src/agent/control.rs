@@ -20,18 +20,21 @@ use tessera_api::v1alpha1::{
 };
 use tessera_proto::node_control::v1::node_control_server::{NodeControl, NodeControlServer};
 use tessera_proto::node_control::v1::{
-    ApplyMappingRequest, ApplyMappingResponse, CopyExtentsRequest, CopyExtentsResponse,
-    GateStateResponse, GetGateStateRequest, HoldScope as WireHoldScope, Mapping,
-    MountInquiryRequest, MountInquiryResponse, OperationRef, QuiesceRequest, RemapStepRequest,
-    RemapStepResponse, ReportUsageRequest, ReportUsageResponse, StageMappingRequest,
+    ApplyMappingRequest, ApplyMappingResponse, CollectDirtyRequest, CollectDirtyResponse,
+    CopyExtentsRequest, CopyExtentsResponse, CopyToLegRequest, CopyToLegResponse,
+    GateStateResponse, GetGateStateRequest, HoldScope as WireHoldScope, LegMode as WireLegMode,
+    Mapping, MirrorLegResponse, MountInquiryRequest, MountInquiryResponse, OperationRef,
+    QuiesceRequest, RemapStepRequest, RemapStepResponse, ReportUsageRequest, ReportUsageResponse,
+    SetMirrorLegRequest, StageMappingRequest,
 };
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
+use super::mirror::{LegAnswer, LegRequest};
 use super::{Agent, AgentError, cache, status};
 use crate::engine::gate::{Answer as GateAnswer, Effect, GateState, HoldScope, OpRef, Reply, Span};
-use crate::engine::{EngineError, Volume, VolumeOptions};
+use crate::engine::{EngineError, LegMode, Volume, VolumeOptions};
 
 /// `(volume, operation_id, attempt)` of an ApplyMapping.
 pub(crate) type AnswerKey = (String, String, u32);
@@ -218,6 +221,91 @@ impl NodeControl for Service {
             paths: inquiry.paths,
             detail: inquiry.detail,
         }))
+    }
+
+    async fn set_mirror_leg(
+        &self,
+        request: Request<SetMirrorLegRequest>,
+    ) -> Result<Response<MirrorLegResponse>, Status> {
+        let request = request.into_inner();
+        if request.volume.is_empty() {
+            return Err(Status::invalid_argument("volume is required"));
+        }
+        let mode = match WireLegMode::try_from(request.mode) {
+            Ok(WireLegMode::LegNone) => None,
+            Ok(WireLegMode::LegMirror) => Some(LegMode::Mirror),
+            Ok(WireLegMode::LegTrack) => Some(LegMode::Track),
+            Err(_) => return Err(Status::invalid_argument("unknown leg mode")),
+        };
+        if mode.is_some() && request.secondary.is_empty() {
+            return Err(Status::invalid_argument("secondary is required"));
+        }
+        if request.reset_dirty && request.cut.is_empty() {
+            return Err(Status::invalid_argument("a reset needs its cut id"));
+        }
+        let answer = self
+            .agent
+            .set_mirror_leg(LegRequest {
+                volume: request.volume,
+                secondary: request.secondary,
+                mode,
+                reset_dirty: request.reset_dirty,
+                cut: request.cut,
+            })
+            .await
+            .map_err(|e| control_status(&e))?;
+        Ok(Response::new(leg_response(answer.as_ref())))
+    }
+
+    async fn collect_dirty(
+        &self,
+        request: Request<CollectDirtyRequest>,
+    ) -> Result<Response<CollectDirtyResponse>, Status> {
+        let request = request.into_inner();
+        if request.volume.is_empty() {
+            return Err(Status::invalid_argument("volume is required"));
+        }
+        let answer = self
+            .agent
+            .collect_dirty(&request.volume, request.acknowledge)
+            .await
+            .map_err(|e| control_status(&e))?;
+        Ok(Response::new(match answer {
+            Some(answer) => CollectDirtyResponse {
+                leg: Some(leg_response(Some(&answer.leg))),
+                sequence: answer.sequence,
+                extents: status::bitmap_bytes(&answer.extents),
+                complete: answer.complete,
+            },
+            // Not staged here: this node wrote nothing to it, so it has nothing to report.
+            None => CollectDirtyResponse {
+                leg: Some(leg_response(None)),
+                sequence: 0,
+                extents: Vec::new(),
+                complete: true,
+            },
+        }))
+    }
+
+    async fn copy_to_leg(
+        &self,
+        request: Request<CopyToLegRequest>,
+    ) -> Result<Response<CopyToLegResponse>, Status> {
+        let request = request.into_inner();
+        if request.volume.is_empty() {
+            return Err(Status::invalid_argument("volume is required"));
+        }
+        let extents = roaring::RoaringBitmap::deserialize_from(&request.extents[..])
+            .map_err(|e| Status::invalid_argument(format!("extents: {e}")))?;
+        match self
+            .agent
+            .copy_to_leg(&request.volume, &extents, request.held)
+            .await
+            .map_err(|e| control_status(&e))?
+        {
+            Some(bytes_copied) => Ok(Response::new(CopyToLegResponse { bytes_copied })),
+            None => Err(control_status(&AgentError::NotStaged(request.volume))),
+        }
     }
 
     async fn stage_mapping(
@@ -956,6 +1044,27 @@ pub(crate) async fn publish_warning(
 
 /// The gRPC status of an agent error on the node-control side (the CSI side has its own in
 /// `csi::node`, where the codes differ: an unknown volume is NOT_FOUND for both).
+/// A leg answer on the wire; `None`: the volume is not staged here (state `Absent`).
+fn leg_response(answer: Option<&LegAnswer>) -> MirrorLegResponse {
+    let Some(answer) = answer else {
+        return MirrorLegResponse {
+            state: "Absent".into(),
+            ..Default::default()
+        };
+    };
+    let leg = answer.leg.as_ref();
+    MirrorLegResponse {
+        state: format!("{:?}", answer.gate),
+        mode: match leg.map(|l| l.mode) {
+            None => WireLegMode::LegNone,
+            Some(LegMode::Mirror) => WireLegMode::LegMirror,
+            Some(LegMode::Track) => WireLegMode::LegTrack,
+        } as i32,
+        secondary_generation: leg.map_or(0, |l| l.secondary_generation.get() as i64),
+        failure: leg.and_then(|l| l.failure.clone()).unwrap_or_default(),
+    }
+}
+
 fn control_status(error: &AgentError) -> Status {
     crate::csi::node::status_of(error)
 }

@@ -57,11 +57,19 @@ pub fn grants_of(volume: &VirtualVolume, node: &str, local: &[AreaId]) -> Option
         .as_ref()
         .and_then(|s| s.incoming.as_ref())
         .and_then(|i| i.copier.as_deref());
+    // The secondary of a mirror pair is written by the nodes of its primary (docs/mirror.md §7).
+    let writers = volume
+        .status
+        .as_ref()
+        .and_then(|s| s.mirror.as_ref())
+        .map(|m| m.writers.iter().map(String::as_str).collect::<Vec<_>>())
+        .unwrap_or_default();
     let peers: BTreeSet<String> = volume
         .spec
         .access_nodes()
         .into_iter()
         .chain(copier)
+        .chain(writers)
         .filter(|n| *n != node && !fenced.contains(n))
         .map(str::to_string)
         .collect();
@@ -233,5 +241,68 @@ pub(crate) async fn run(agent: Arc<Agent>, mut stopped: watch::Receiver<bool>) {
             }
             Err(error) => tracing::warn!(%error, "VirtualVolume watch"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tessera_api::v1alpha1::{
+        MappedRun, MirrorLegMode, MirrorLink, MirrorRole, ReplicaLocation, VirtualVolumeSpec,
+        VirtualVolumeStatus, VolumeMapping,
+    };
+
+    /// vol-1, 2 extents of 4 MiB on node-b's area, not published anywhere.
+    fn secondary(mirror: Option<MirrorLink>) -> VirtualVolume {
+        let mut volume = VirtualVolume::new(
+            "vol-1",
+            VirtualVolumeSpec {
+                size_bytes: 8 << 20,
+                pool_name: "pool".into(),
+                priority_class_name: String::new(),
+                copies: 1,
+                layout: Default::default(),
+                claim_ref: None,
+                access_node: None,
+                shared_access_nodes: Vec::new(),
+            },
+        );
+        volume.status = Some(VirtualVolumeStatus {
+            mapping: Some(VolumeMapping {
+                generation: 3,
+                extent_size_bytes: 4 << 20,
+                extents: vec![MappedRun {
+                    offset: 0,
+                    length: 8 << 20,
+                    replicas: vec![ReplicaLocation {
+                        area: "node-b-area-0".into(),
+                        area_offset: 0,
+                    }],
+                }],
+            }),
+            mirror,
+            ..Default::default()
+        });
+        volume
+    }
+
+    #[test]
+    fn a_secondary_is_granted_to_the_writers_of_its_primary_and_to_nobody_else() {
+        let local = [AreaId::new("node-b-area-0")];
+        assert_eq!(grants_of(&secondary(None), "node-b", &local), None);
+        let link = MirrorLink {
+            pair: "pair".into(),
+            role: MirrorRole::Secondary,
+            peer: "vol-0".into(),
+            leg: MirrorLegMode::Mirror,
+            writers: vec!["node-a".into(), "node-b".into()],
+        };
+        let grants = grants_of(&secondary(Some(link)), "node-b", &local).expect("granted");
+        // This node's own engine needs no grant.
+        assert_eq!(grants.peers, BTreeSet::from(["node-a".to_string()]));
+        assert_eq!(
+            grants.ranges,
+            vec![(local[0].clone(), 0..8 << 20, Permission::ReadWrite)]
+        );
     }
 }

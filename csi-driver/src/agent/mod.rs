@@ -20,6 +20,7 @@ pub mod areas;
 pub mod cache;
 pub mod control;
 pub mod grants;
+pub mod mirror;
 pub mod mounts;
 pub mod ownership;
 pub mod staging;
@@ -142,6 +143,11 @@ pub enum AgentError {
          ends (seed 004 AS-19)"
     )]
     RemapInFlight { volume: String, remap: String },
+    #[error(
+        "volume {volume}: the dirty bits are reset only at a split cut, while the volume is held \
+         (its gate is {gate})"
+    )]
+    NotHeldForCut { volume: String, gate: String },
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("volume {volume}: {source}")]

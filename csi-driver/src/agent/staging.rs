@@ -81,6 +81,8 @@ pub struct StagedVolume {
     pub last_report: Option<status::UsageView>,
     /// Brought back from the mapping cache after a restart (no kernel device yet).
     pub restored: bool,
+    /// Dirty-report bookkeeping of a mirrored primary (`agent::mirror`).
+    pub mirror: super::mirror::MirrorBook,
 }
 
 impl StagedVolume {
@@ -127,6 +129,7 @@ impl StagedVolume {
             capability: self.capability.clone(),
             published: self.published.keys().cloned().collect(),
             hold,
+            mirror_primary: self.volume.mirror_leg().is_some(),
         })
     }
 }
@@ -667,6 +670,17 @@ impl Agent {
             volume: req.volume_id.clone(),
             source,
         })?;
+        // A primary of a mirror pair mirrors (or tracks) from its first write (seed 003 claim 1).
+        let mut remote_areas = remote_areas;
+        if let Some((leg, areas)) = self.leg_of(&registry, &object).await? {
+            remote_areas.extend(areas);
+            volume
+                .set_mirror_leg(Some(leg), false)
+                .map_err(|source| AgentError::Engine {
+                    volume: req.volume_id.clone(),
+                    source,
+                })?;
+        }
         let volume = Arc::new(volume);
         let mut entry = StagedVolume {
             volume: Arc::clone(&volume),
@@ -680,6 +694,7 @@ impl Agent {
             remote_areas,
             last_report: None,
             restored: false,
+            mirror: Default::default(),
         };
         let result = async {
             self.start_nbd(&mut entry)?;
@@ -1191,15 +1206,27 @@ impl Agent {
                 // last usage report, else all mapped extents in use); without the API, the
                 // conservative default (high priority, all mapped extents in use) keeps reclaim
                 // from taking anything this volume may hold.
-                let options = match Api::<VirtualVolume>::all(self.client.clone())
+                let object = Api::<VirtualVolume>::all(self.client.clone())
                     .get_opt(&id)
-                    .await
-                {
+                    .await;
+                let options = match &object {
                     Ok(Some(object)) => VolumeOptions {
                         priority: self.data_priority(&object.spec.priority_class_name).await,
-                        usage: Self::usage_init(&object),
+                        usage: Self::usage_init(object),
                     },
                     _ => VolumeOptions::default(),
+                };
+                // A mirrored primary must not serve a write it does not mirror: without its
+                // VirtualVolume (and so its secondary) it is not restored at all.
+                let leg = match &object {
+                    Ok(Some(object)) => self.leg_of(&registry, object).await?,
+                    _ if cached.mirror_primary => {
+                        return Err(AgentError::Unsupported(format!(
+                            "volume {id} was a mirrored primary and its VirtualVolume cannot be \
+                             read now, so its mirror leg cannot be set up"
+                        )));
+                    }
+                    _ => None,
                 };
                 let volume = Volume::open(
                     id.clone(),
@@ -1211,6 +1238,18 @@ impl Agent {
                     volume: id.clone(),
                     source,
                 })?;
+                let mut mirror = super::mirror::MirrorBook::default();
+                if let Some((leg, areas)) = leg {
+                    remote_areas.extend(areas);
+                    volume.set_mirror_leg(Some(leg), false).map_err(|source| {
+                        AgentError::Engine {
+                            volume: id.clone(),
+                            source,
+                        }
+                    })?;
+                    // The bits of writes before the restart are gone (agent::mirror).
+                    mirror.incomplete = true;
+                }
                 if let Some(record) = hold {
                     // Seed 004 §11.4, AS-18: back held, never resumed by this process; the
                     // operator re-sends what it still wants (Commit, Rollback, Resume).
@@ -1246,6 +1285,7 @@ impl Agent {
                     remote_areas,
                     last_report: None,
                     restored: true,
+                    mirror,
                 };
                 self.start_nbd(&mut entry)?;
                 Ok::<StagedVolume, AgentError>(entry)

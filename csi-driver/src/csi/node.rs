@@ -194,6 +194,7 @@ pub fn status_of(error: &AgentError) -> Status {
         | AgentError::WrongStagingPath { .. }
         | AgentError::NoKernelDevice { .. }
         | AgentError::StaleGeneration { .. }
+        | AgentError::NotHeldForCut { .. }
         | AgentError::NotGrowth { .. } => Status::failed_precondition(message),
         AgentError::AlreadyStaged { .. } | AgentError::AlreadyPublished { .. } => {
             Status::already_exists(message)
