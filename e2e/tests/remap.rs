@@ -23,9 +23,12 @@
 
 #[path = "remap/bench.rs"]
 mod bench;
+mod support;
+
+use support::*;
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -164,20 +167,6 @@ fn main() -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    }
-}
-
-/// `fio` with the `nbd` engine (libnbd), or why not.
-fn fio_with_nbd() -> std::result::Result<(), String> {
-    match std::process::Command::new("fio")
-        .arg("--enghelp=nbd")
-        .output()
-    {
-        Ok(out) if out.status.success() && String::from_utf8_lossy(&out.stdout).contains("uri") => {
-            Ok(())
-        }
-        Ok(_) => Err("fio has no nbd engine (Debian's fio has it)".into()),
-        Err(e) => Err(format!("fio is not installed ({e}); `apt-get install fio`")),
     }
 }
 
@@ -592,37 +581,6 @@ fn spawn_fio(socket: &Path, export: &str, offset: u64, size: u64) -> Result<toki
         .context("spawning fio")
 }
 
-/// What one fio job (`--output-format=json`) reports.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FioReport {
-    pub writes: u64,
-    pub iops: f64,
-    /// I/Os that failed (`total_err`).
-    pub errors: u64,
-    /// The errno the job stopped with (`error`), 0 when none; a verify failure stops the job.
-    pub error_code: u64,
-}
-
-impl FioReport {
-    pub(crate) fn parse(stdout: &[u8]) -> Result<FioReport> {
-        let text = String::from_utf8_lossy(stdout);
-        let start = text.find('{').context("fio printed no JSON")?;
-        let json: serde_json::Value = serde_json::from_str(&text[start..]).context("fio JSON")?;
-        let job = &json["jobs"][0];
-        Ok(FioReport {
-            writes: job["write"]["total_ios"].as_u64().unwrap_or(0),
-            iops: job["write"]["iops"].as_f64().unwrap_or(0.0),
-            errors: job["total_err"].as_u64().unwrap_or(0),
-            error_code: job["error"].as_u64().unwrap_or(0),
-        })
-    }
-}
-
-pub(crate) fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 pub(crate) async fn wait_final(
     remaps: &Api<VolumeRemap>,
     name: &str,
@@ -666,61 +624,4 @@ fn every_extent_moved(before: &VolumeMapping, after: &VolumeMapping, size: u64) 
         moved += 1;
     }
     Ok(moved)
-}
-
-/// `(area, area offset)` of every replica of the byte at `offset`.
-pub(crate) fn replicas(mapping: &VolumeMapping, offset: i64) -> Vec<(String, i64)> {
-    mapping
-        .extents
-        .iter()
-        .find(|r| r.offset <= offset && offset < r.offset + r.length)
-        .map(|r| {
-            r.replicas
-                .iter()
-                .map(|p| (p.area.clone(), p.area_offset + offset - r.offset))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The area file of a local node's area (`<node>-area-<i>` → `<data>/<node>/areas/area-<i>.img`).
-pub(crate) fn area_file(data_dir: &Path, area: &str) -> Result<PathBuf> {
-    let (node, index) = area
-        .rsplit_once("-area-")
-        .with_context(|| format!("unexpected area name {area}"))?;
-    Ok(data_dir
-        .join(node)
-        .join("areas")
-        .join(format!("area-{index}.img")))
-}
-
-/// Reads the whole volume through `io` and compares each extent with the bytes of every
-/// replica's area file at the mapped offset. Returns the bytes compared.
-async fn compare_with_areas(
-    io: &VolumeIo,
-    mapping: &VolumeMapping,
-    data_dir: &Path,
-    size: u64,
-) -> Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let es = mapping.extent_size_bytes;
-    let mut compared = 0;
-    for e in 0..(size as i64 / es) {
-        let got = io.read_at((e * es) as u64, es as u64).await?;
-        for (area, at) in replicas(mapping, e * es) {
-            let path = area_file(data_dir, &area)?;
-            let file = std::fs::File::open(&path).with_context(|| path.display().to_string())?;
-            let mut want = vec![0u8; es as usize];
-            file.read_exact_at(&mut want, at as u64)
-                .with_context(|| format!("reading {} at {at}", path.display()))?;
-            if let Some(i) = tessera_e2e::io::first_difference(&got, &want) {
-                bail!(
-                    "extent {e}: the volume and {area}@{at} differ at byte {i} (volume offset {})",
-                    e * es + i as i64
-                );
-            }
-            compared += es as u64;
-        }
-    }
-    Ok(compared)
 }

@@ -7,6 +7,11 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Label of a VirtualVolume that may be chosen automatically as a secondary
+/// (`secondarySelection`): value `SecondaryCandidate` (JP 2001-318833 attribute "secondary",
+/// docs/mirror.md M-19). Volumes without it hold user data and are never chosen.
+pub const MIRROR_ROLE_LABEL: &str = "tessera.io/mirror-role";
+
 /// Desired state of a MirrorPair.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(

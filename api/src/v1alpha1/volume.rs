@@ -165,6 +165,9 @@ pub enum MirrorRole {
 /// The primary's data path towards its secondary (seed 003 claim 1).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum MirrorLegMode {
+    /// Nothing goes to the secondary and nothing is tracked (before the formation, or after a
+    /// failed one).
+    Unpaired,
     /// Every write goes to both volumes (Copying, Paired, Resyncing).
     Mirror,
     /// Writes are only recorded as dirty (Split, or after the secondary failed).

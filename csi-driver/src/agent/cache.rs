@@ -1,6 +1,7 @@
 //! Local files of the agent: the mapping cache `<state-dir>/mappings/<id>.json` (ARCHITECTURE
 //! §4: a restarted node plugin serves its volumes at the cached generation even while the API is
-//! unreachable, §8) and `<state-dir>/node.json` (what `tessera local` publishes).
+//! unreachable, §8), `<state-dir>/node.json` (what `tessera local` publishes) and the dirty bits
+//! of unstaged mirror volumes `<state-dir>/dirty/<id>.bits` (seed 003; `agent::mirror`).
 //!
 //! Every file is replaced atomically: written to a temporary file, fsynced, renamed, and the
 //! directory fsynced, so a crash leaves the old or the new content, never a torn one.
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
+use roaring::RoaringBitmap;
 use serde::{Deserialize, Serialize};
 use tessera_api::model::{ExtentMap, Generation};
 use tessera_api::v1alpha1::VolumeMapping;
@@ -40,6 +42,10 @@ pub struct CachedVolume {
     /// The volume had a mirror leg (seed 003): a restart must set it up again before serving.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub mirror_primary: bool,
+    /// The volume was staged as a mirror secondary, its writes tracked (seed 003 §4.1 step 3):
+    /// a restart tracks again even when the VirtualVolume cannot be read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mirror_secondary: bool,
 }
 
 /// [`HoldRecord`] in the cache file.
@@ -198,6 +204,95 @@ pub fn load_all(state_dir: &Path) -> Vec<CachedVolume> {
     out
 }
 
+/// Dirty bits of a tracked volume (mirror primary or secondary) that were not acknowledged when
+/// it was unstaged: CollectDirty answers from them until the operator acknowledges `sequence`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirtyFile {
+    /// The sequence of the answer these bits are; its acknowledgement deletes the file.
+    pub sequence: u64,
+    /// False when the node could not vouch for its bits (restarted while tracking).
+    pub complete: bool,
+    pub extents: RoaringBitmap,
+}
+
+/// `magic | sequence (u64 LE) | complete (u8) | portable roaring`.
+const DIRTY_MAGIC: &[u8; 8] = b"TSDIRTY1";
+const DIRTY_HEADER: usize = DIRTY_MAGIC.len() + 8 + 1;
+
+impl DirtyFile {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(DIRTY_HEADER + self.extents.serialized_size());
+        out.extend_from_slice(DIRTY_MAGIC);
+        out.extend_from_slice(&self.sequence.to_le_bytes());
+        out.push(u8::from(self.complete));
+        self.extents
+            .serialize_into(&mut out)
+            .expect("writing to a Vec does not fail");
+        out
+    }
+
+    pub fn decode(data: &[u8]) -> Result<DirtyFile, String> {
+        if data.len() < DIRTY_HEADER || &data[..DIRTY_MAGIC.len()] != DIRTY_MAGIC {
+            return Err("not a dirty-bits file".into());
+        }
+        let mut sequence = [0u8; 8];
+        sequence.copy_from_slice(&data[DIRTY_MAGIC.len()..DIRTY_MAGIC.len() + 8]);
+        let complete = match data[DIRTY_HEADER - 1] {
+            0 => false,
+            1 => true,
+            other => return Err(format!("complete flag {other}")),
+        };
+        let extents =
+            RoaringBitmap::deserialize_from(&data[DIRTY_HEADER..]).map_err(|e| e.to_string())?;
+        Ok(DirtyFile {
+            sequence: u64::from_le_bytes(sequence),
+            complete,
+            extents,
+        })
+    }
+}
+
+fn dirty_path(state_dir: &Path, volume: &str) -> PathBuf {
+    state_dir.join("dirty").join(format!("{volume}.bits"))
+}
+
+pub(crate) fn store_dirty(
+    state_dir: &Path,
+    volume: &str,
+    file: &DirtyFile,
+) -> Result<(), AgentError> {
+    write_atomic(&dirty_path(state_dir, volume), &file.encode())
+}
+
+/// The dirty file of `volume`, if any. An unreadable one says "incomplete" (the operator then
+/// treats every extent as dirty) rather than nothing: its bits are unknown, not absent.
+pub(crate) fn load_dirty(state_dir: &Path, volume: &str) -> Option<DirtyFile> {
+    let path = dirty_path(state_dir, volume);
+    let decoded = match std::fs::read(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => Err(e.to_string()),
+        Ok(data) => DirtyFile::decode(&data),
+    };
+    Some(decoded.unwrap_or_else(|error| {
+        tracing::warn!(path = %path.display(), %error, "unreadable dirty-bits file");
+        DirtyFile {
+            sequence: 1,
+            complete: false,
+            extents: RoaringBitmap::new(),
+        }
+    }))
+}
+
+pub(crate) fn remove_dirty(state_dir: &Path, volume: &str) -> Result<(), AgentError> {
+    let path = dirty_path(state_dir, volume);
+    match std::fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(AgentError::io(format!("remove {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The `volumes` entries of node.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -242,4 +337,29 @@ pub(crate) fn write_node_json_with(
     let data = serde_json::to_vec_pretty(&doc)
         .map_err(|e| AgentError::InvalidConfig(format!("serializing node.json: {e}")))?;
     write_atomic(&agent.config.state_dir.join("node.json"), &data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dirty_file_round_trips_and_an_unreadable_one_reads_as_incomplete() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        assert_eq!(load_dirty(dir.path(), "v"), None);
+        let file = DirtyFile {
+            sequence: 1_700_000_000_000_007,
+            complete: true,
+            extents: [0u32, 3, 70_000].into_iter().collect(),
+        };
+        store_dirty(dir.path(), "v", &file).expect("stored");
+        assert_eq!(load_dirty(dir.path(), "v"), Some(file));
+        // Torn or foreign content: its bits are unknown, so the answer must say incomplete.
+        std::fs::write(dir.path().join("dirty/v.bits"), b"TSDIRTY1\x01").expect("write");
+        let unreadable = load_dirty(dir.path(), "v").expect("still reported");
+        assert!(!unreadable.complete && unreadable.extents.is_empty());
+        remove_dirty(dir.path(), "v").expect("removed");
+        remove_dirty(dir.path(), "v").expect("removing twice is fine");
+        assert_eq!(load_dirty(dir.path(), "v"), None);
+    }
 }

@@ -272,7 +272,8 @@ impl NodeControl for Service {
             .map_err(|e| control_status(&e))?;
         Ok(Response::new(match answer {
             Some(answer) => CollectDirtyResponse {
-                leg: Some(leg_response(Some(&answer.leg))),
+                // Bits kept in the dirty file of a volume not staged here: state Absent.
+                leg: Some(leg_response(answer.staged.then_some(&answer.leg))),
                 sequence: answer.sequence,
                 extents: status::bitmap_bytes(&answer.extents),
                 complete: answer.complete,
@@ -281,7 +282,7 @@ impl NodeControl for Service {
             None => CollectDirtyResponse {
                 leg: Some(leg_response(None)),
                 sequence: 0,
-                extents: Vec::new(),
+                extents: status::bitmap_bytes(&roaring::RoaringBitmap::new()),
                 complete: true,
             },
         }))

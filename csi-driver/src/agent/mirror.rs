@@ -11,27 +11,78 @@
 //! - `reset_dirty` (the split cut) takes effect once per cut id and only while the volume is
 //!   held: a repeated cut message arriving after the resume must not drop the bits of writes
 //!   made since.
+//! - A **secondary** staged on its own (used while split) has no leg, but its writes are tracked
+//!   from its first one: a resync must overwrite what it changed (seed 003 §4.1 step 3), so its
+//!   node reports them through CollectDirty like a primary's.
+//! - Unacknowledged bits outlive an unstage in `<state-dir>/dirty/<id>.bits`
+//!   ([`cache::DirtyFile`]); CollectDirty answers from the file until the operator acknowledges
+//!   it, and a new staging reports the file's bits with its own until then.
+//! - Answer sequences never repeat across stagings and restarts ([`MirrorBook::base`]): an
+//!   acknowledgement of an old answer must not match a new one and drop bits never reported.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use tessera_api::model::AreaId;
 use tessera_api::v1alpha1::{MirrorLegMode, MirrorRole, VirtualVolume};
 
+use super::cache;
 use super::staging::Registry;
 use super::{Agent, AgentError};
 use crate::engine::gate::GateState;
-use crate::engine::{LegMode, LegView, MirrorLegSpec};
+use crate::engine::{LegMode, LegView, MirrorLegSpec, Volume};
 
-/// Per staged primary: what the node remembers about its dirty reports.
+/// Per staged volume: what the node remembers about its dirty reports.
 #[derive(Debug, Default, Clone)]
 pub struct MirrorBook {
     /// The last cut applied (its id), so a repeated cut message is a no-op.
     pub last_cut: Option<String>,
-    /// The node cannot vouch for its bits (restored after a restart while a leg was set).
+    /// The node cannot vouch for its bits (restored after a restart while tracking).
     pub incomplete: bool,
-    /// The sequence of the answer that reported `incomplete`; its acknowledgement clears it.
-    pub incomplete_reported: Option<u64>,
+    /// Added to the engine's sequences (which start at 1 with every `Volume`): above every
+    /// sequence an earlier staging or process answered, so their acknowledgements match nothing.
+    pub base: u64,
+    /// The dirty file's bits (an earlier staging's, not acknowledged): reported with the
+    /// engine's bits in every answer, dropped with the file once an answer carrying them is
+    /// acknowledged. Nothing is lost in between: the file stays on disk until then.
+    pub carried: Option<roaring::RoaringBitmap>,
+    /// The sequence of the last answer; its acknowledgement clears `incomplete` and `carried`
+    /// (both are in every answer while set).
+    pub last_answer: Option<u64>,
+    /// Staged as the secondary of a pair: tracked without a leg.
+    pub secondary: bool,
+}
+
+impl MirrorBook {
+    /// The book of a volume about to be staged or restored on a node whose state dir is
+    /// `state_dir`: the dirty file, if any, carried.
+    pub(crate) fn open(state_dir: &Path, volume: &str) -> MirrorBook {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Microsecond-ish steps: a staging would need 1000 answers per millisecond to reach
+        // the base of a later one.
+        let mut book = MirrorBook {
+            base: now.saturating_mul(1000),
+            ..Default::default()
+        };
+        if let Some(file) = cache::load_dirty(state_dir, volume) {
+            book.base = book.base.max(file.sequence);
+            book.incomplete = !file.complete;
+            book.carried = Some(file.extents);
+        }
+        book
+    }
+}
+
+/// Whether `object` is the secondary of a mirror pair (its writes are tracked).
+pub(crate) fn is_secondary(object: &VirtualVolume) -> bool {
+    object
+        .status
+        .as_ref()
+        .and_then(|s| s.mirror.as_ref())
+        .is_some_and(|m| m.role == MirrorRole::Secondary)
 }
 
 /// The leg as the operator asked for it.
@@ -60,6 +111,8 @@ pub struct DirtyAnswer {
     pub sequence: u64,
     pub extents: roaring::RoaringBitmap,
     pub complete: bool,
+    /// False: not staged here, answered from the dirty file (`leg.gate` means nothing then).
+    pub staged: bool,
 }
 
 impl Agent {
@@ -77,6 +130,7 @@ impl Agent {
             return Ok(None);
         }
         let mode = match link.leg {
+            MirrorLegMode::Unpaired => return Ok(None),
             MirrorLegMode::Mirror => LegMode::Mirror,
             MirrorLegMode::Track => LegMode::Track,
         };
@@ -144,14 +198,25 @@ impl Agent {
                 volume: request.volume.clone(),
                 source,
             })?;
+        let mut drop_file = false;
         if reset {
             entry.mirror.last_cut = Some(request.cut.clone());
-            // The cut starts the bits afresh: what a restart lost is irrelevant from here on.
+            // The cut starts the bits afresh: what a restart or an earlier staging left is
+            // irrelevant from here on (the pair is equal at the cut).
             entry.mirror.incomplete = false;
-            entry.mirror.incomplete_reported = None;
+            drop_file = entry.mirror.carried.take().is_some();
         }
         if request.mode.is_none() {
-            entry.mirror = MirrorBook::default();
+            // No pair any more: its bits are moot. The base stays, sequences keep rising.
+            drop_file |= entry.mirror.carried.is_some();
+            entry.mirror = MirrorBook {
+                base: entry.mirror.base,
+                last_answer: entry.mirror.last_answer,
+                ..Default::default()
+            };
+        }
+        if drop_file {
+            self.forget_dirty_file(&request.volume);
         }
         Ok(Some(LegAnswer {
             gate,
@@ -159,7 +224,7 @@ impl Agent {
         }))
     }
 
-    /// CollectDirty.
+    /// CollectDirty. A volume not staged here answers from its dirty file (`None` without one).
     pub async fn collect_dirty(
         &self,
         volume_id: &str,
@@ -167,16 +232,26 @@ impl Agent {
     ) -> Result<Option<DirtyAnswer>, AgentError> {
         let mut registry = self.staged.lock().await;
         let Some(entry) = registry.volumes.get_mut(volume_id) else {
-            return Ok(None);
+            // Under the registry lock: a concurrent stage reads the same file.
+            return Ok(self.collect_unstaged(volume_id, acknowledge));
         };
-        if entry.mirror.incomplete_reported == Some(acknowledge) {
-            entry.mirror.incomplete = false;
-            entry.mirror.incomplete_reported = None;
+        let book = &mut entry.mirror;
+        if acknowledge != 0 && book.last_answer == Some(acknowledge) {
+            book.incomplete = false;
+            if book.carried.take().is_some() {
+                self.forget_dirty_file(volume_id);
+            }
         }
-        let (sequence, extents) = entry.volume.collect_dirty(acknowledge);
-        if entry.mirror.incomplete {
-            entry.mirror.incomplete_reported = Some(sequence);
+        // An acknowledgement at or below the base names an earlier staging's answer: nothing
+        // of this engine's.
+        let engine_ack = acknowledge.saturating_sub(book.base);
+        let (engine_sequence, mut extents) = entry.volume.collect_dirty(engine_ack);
+        let sequence = book.base + engine_sequence;
+        if let Some(carried) = &book.carried {
+            extents |= carried;
         }
+        book.last_answer = Some(sequence);
+        let complete = !book.incomplete;
         let (gate, _) = entry.volume.hold_state();
         Ok(Some(DirtyAnswer {
             leg: LegAnswer {
@@ -185,8 +260,73 @@ impl Agent {
             },
             sequence,
             extents,
-            complete: !entry.mirror.incomplete,
+            complete,
+            staged: true,
         }))
+    }
+
+    /// CollectDirty of a volume not staged here: the dirty file's answer, repeated until the
+    /// operator acknowledges its sequence, which deletes the file.
+    fn collect_unstaged(&self, volume_id: &str, acknowledge: u64) -> Option<DirtyAnswer> {
+        let file = cache::load_dirty(&self.config.state_dir, volume_id)?;
+        if acknowledge == file.sequence {
+            self.forget_dirty_file(volume_id);
+            return None;
+        }
+        Some(DirtyAnswer {
+            leg: LegAnswer {
+                gate: GateState::Running,
+                leg: None,
+            },
+            sequence: file.sequence,
+            extents: file.extents,
+            complete: file.complete,
+            staged: false,
+        })
+    }
+
+    /// NodeUnstage of a tracked volume (primary or secondary), after its frontends stopped:
+    /// every bit not acknowledged yet goes to the dirty file, or the file goes when there is
+    /// none. Call under the registry lock.
+    pub(crate) fn persist_dirty(
+        &self,
+        volume_id: &str,
+        volume: &Volume,
+        book: &MirrorBook,
+    ) -> Result<(), AgentError> {
+        if !volume.dirty_tracking_enabled() && book.carried.is_none() && !book.incomplete {
+            return Ok(());
+        }
+        // Acknowledging nothing: the pending bits of the last answer are kept as well.
+        let (engine_sequence, mut extents) = volume.collect_dirty(0);
+        if let Some(carried) = &book.carried {
+            extents |= carried;
+        }
+        let file = cache::DirtyFile {
+            sequence: book.base + engine_sequence,
+            complete: !book.incomplete,
+            extents,
+        };
+        if file.complete && file.extents.is_empty() {
+            return cache::remove_dirty(&self.config.state_dir, volume_id);
+        }
+        cache::store_dirty(&self.config.state_dir, volume_id, &file)?;
+        tracing::info!(
+            volume = volume_id,
+            sequence = file.sequence,
+            extents = file.extents.len(),
+            complete = file.complete,
+            "unacknowledged dirty bits kept for CollectDirty"
+        );
+        Ok(())
+    }
+
+    /// Deletes the dirty file once its bits are acknowledged or moot. A failure only logs: the
+    /// file is then reported again, which costs a resync of extents, never a lost one.
+    fn forget_dirty_file(&self, volume_id: &str) {
+        if let Err(error) = cache::remove_dirty(&self.config.state_dir, volume_id) {
+            tracing::warn!(volume = volume_id, %error, "dirty-bits file not removed");
+        }
     }
 
     /// CopyToLeg: `None` when the volume is not staged here.

@@ -81,7 +81,7 @@ pub struct StagedVolume {
     pub last_report: Option<status::UsageView>,
     /// Brought back from the mapping cache after a restart (no kernel device yet).
     pub restored: bool,
-    /// Dirty-report bookkeeping of a mirrored primary (`agent::mirror`).
+    /// Dirty-report bookkeeping of a mirror primary or secondary (`agent::mirror`).
     pub mirror: super::mirror::MirrorBook,
 }
 
@@ -130,6 +130,7 @@ impl StagedVolume {
             published: self.published.keys().cloned().collect(),
             hold,
             mirror_primary: self.volume.mirror_leg().is_some(),
+            mirror_secondary: self.mirror.secondary,
         })
     }
 }
@@ -681,6 +682,12 @@ impl Agent {
                     source,
                 })?;
         }
+        // A secondary's own writes are tracked before it serves any (seed 003 §4.1 step 3).
+        let mut mirror = super::mirror::MirrorBook::open(&self.config.state_dir, &req.volume_id);
+        if super::mirror::is_secondary(&object) {
+            volume.enable_dirty_tracking();
+            mirror.secondary = true;
+        }
         let volume = Arc::new(volume);
         let mut entry = StagedVolume {
             volume: Arc::clone(&volume),
@@ -694,7 +701,7 @@ impl Agent {
             remote_areas,
             last_report: None,
             restored: false,
-            mirror: Default::default(),
+            mirror,
         };
         let result = async {
             self.start_nbd(&mut entry)?;
@@ -872,8 +879,14 @@ impl Agent {
             return blocking(move || mounts::unmount_all(&path).map_err(AgentError::from)).await;
         };
         let areas = entry.remote_areas.clone();
+        let (volume, book) = (Arc::clone(&entry.volume), entry.mirror.clone());
         let mut errors = self.teardown(entry).await;
         self.release_remote_areas(&registry, &areas).await;
+        // After the teardown, so no write can follow; still under the lock (CollectDirty reads
+        // the file under it).
+        if let Err(error) = self.persist_dirty(volume_id, &volume, &book) {
+            errors.insert(0, error);
+        }
         let volumes = registry.node_json_volumes();
         drop(registry);
         if !errors.is_empty() {
@@ -1238,7 +1251,18 @@ impl Agent {
                     volume: id.clone(),
                     source,
                 })?;
-                let mut mirror = super::mirror::MirrorBook::default();
+                let mut mirror = super::mirror::MirrorBook::open(&self.config.state_dir, &id);
+                // A secondary (as its status says, or as cached when the API cannot say) tracks
+                // again; the bits of its writes before the restart are gone.
+                let secondary = match &object {
+                    Ok(Some(object)) => super::mirror::is_secondary(object),
+                    _ => cached.mirror_secondary,
+                };
+                if secondary {
+                    volume.enable_dirty_tracking();
+                    mirror.secondary = true;
+                    mirror.incomplete = true;
+                }
                 if let Some((leg, areas)) = leg {
                     remote_areas.extend(areas);
                     volume.set_mirror_leg(Some(leg), false).map_err(|source| {

@@ -25,7 +25,8 @@ use tessera_e2e::co::{Access, Orchestrator, VolumeRequest};
 use tessera_e2e::{Environment, Options};
 use tokio::process::Command;
 
-use super::{NODES, area_file, mapping_of, replicas, wait_final};
+use super::support::{area_file, replicas};
+use super::{NODES, mapping_of, wait_final};
 
 const AREA: u64 = 1 << 30;
 const VOLUME: u64 = 1 << 30;

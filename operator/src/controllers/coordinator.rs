@@ -1248,7 +1248,7 @@ impl Driver {
 /// A read-modify-write of `VirtualVolume.status`, conditional on the version read and retried
 /// on conflict (10 times): `change` gives the merge patch of the status, or `None` when there
 /// is nothing to write. A volume that is gone needs nothing.
-async fn update_volume_status(
+pub(crate) async fn update_volume_status(
     ctx: &Context,
     volume: &str,
     change: impl Fn(&VirtualVolume) -> Option<serde_json::Value>,

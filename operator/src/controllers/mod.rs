@@ -10,6 +10,7 @@
 //! | [`volume`] | VirtualVolume | mapping commit, usage from node reports, charging (seed 000 Fig. 10), release on deletion |
 //! | [`remap`] | VolumeRemap | moves and releases of attached volumes through the remap [`coordinator`] (seed 004: quiesce, commit, resume over [`node_control`]); `releaseRanges` of unattached volumes directly (seed 000 Fig. 7/9) |
 //! | [`class`] | StoragePriorityClass | volume count; deletion refused while claims or volumes use it |
+//! | [`mirror`] | MirrorPair | pair, split, resync with dirty tracking and the secondary mount check (seed 003) over node-control |
 //!
 //! [`Operator`] runs them only while this replica holds the leader Lease ([`crate::leader`]).
 //! The design decisions (usage channel, intent recording, naming, crash safety) are in
@@ -21,6 +22,7 @@ pub mod claim;
 pub mod class;
 pub mod coordinator;
 pub mod informer;
+pub mod mirror;
 pub mod node_control;
 pub mod pool;
 pub mod remap;
@@ -42,8 +44,8 @@ use kube::runtime::finalizer;
 use kube::runtime::reflector::Store;
 use tessera_api::model::MapError;
 use tessera_api::v1alpha1::{
-    MappingConversionError, StorageArea, StorageClaim, StoragePool, StoragePriorityClass,
-    VirtualVolume, VolumeRemap,
+    MappingConversionError, MirrorPair, StorageArea, StorageClaim, StoragePool,
+    StoragePriorityClass, VirtualVolume, VolumeRemap,
 };
 use tokio::sync::watch;
 
@@ -282,6 +284,7 @@ pub struct Informers {
     pub claims: Informer<StorageClaim>,
     pub volumes: Informer<VirtualVolume>,
     pub remaps: Informer<VolumeRemap>,
+    pub mirrors: Informer<MirrorPair>,
 }
 
 /// Shared by every reconcile (the controller-rs `Context`).
@@ -459,6 +462,7 @@ async fn run_controllers(
         claims: Informer::new(&client),
         volumes: Informer::new(&client),
         remaps: Informer::new(&client),
+        mirrors: Informer::new(&client),
     };
     let areas = area::controller(&informers, &config);
     let pools = pool::controller(&informers, &config);
@@ -466,6 +470,7 @@ async fn run_controllers(
     let claims = claim::controller(&informers, &config);
     let volumes = volume::controller(&informers, &config);
     let remaps = remap::controller(&informers, &config);
+    let mirrors = mirror::controller(&informers, &config);
     let (synced_tx, synced_rx) = watch::channel(false);
     let stores = Stores {
         pools: informers.pools.store(),
@@ -483,6 +488,7 @@ async fn run_controllers(
         informers.claims.take_driver(),
         informers.volumes.take_driver(),
         informers.remaps.take_driver(),
+        informers.mirrors.take_driver(),
     ]);
     let recorder = Recorder::new(
         client.clone(),
@@ -544,6 +550,9 @@ async fn run_controllers(
             .for_each(drain),
         remaps
             .run(remap::reconcile, remap::error_policy, ctx.clone())
+            .for_each(drain),
+        mirrors
+            .run(mirror::reconcile, mirror::error_policy, ctx.clone())
             .for_each(drain),
     );
 }

@@ -104,6 +104,55 @@ pub struct UsageAnswer {
     pub high_priority: Vec<u8>,
 }
 
+/// A node's answer to the seed 003 mount inquiry (`MountInquiry`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MountAnswer {
+    pub staged: bool,
+    pub published: bool,
+    pub mounted: bool,
+    pub paths: Vec<String>,
+    pub detail: String,
+}
+
+/// The mirror leg a node is asked to run for a primary (`SetMirrorLeg`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegMode {
+    None,
+    Mirror,
+    Track,
+}
+
+/// `SetMirrorLeg`: the leg described, not a delta (idempotent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegRequest {
+    pub volume: String,
+    pub secondary: String,
+    pub mode: LegMode,
+    /// Restart the dirty bits at this cut (only while the volume is held; once per cut id).
+    pub reset_cut: Option<String>,
+}
+
+/// A node's mirror leg of a volume.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LegAnswer {
+    /// The primary's gate state, or `Absent` when the node has not staged it.
+    pub state: String,
+    pub mode: Option<LegMode>,
+    /// Why the leg was suspended (the secondary failed a write).
+    pub failure: String,
+}
+
+/// `CollectDirty`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DirtyAnswer {
+    pub leg: LegAnswer,
+    pub sequence: u64,
+    /// Portable roaring bitmap of extent indices.
+    pub extents: Vec<u8>,
+    /// False: the node lost bits (it restarted); treat every extent as dirty.
+    pub complete: bool,
+}
+
 /// Why a call did not produce an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NodeCallError {
@@ -143,6 +192,75 @@ pub trait NodeControl: Send + Sync + fmt::Debug {
         volume: &str,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<UsageAnswer, NodeCallError>>;
+
+    // Mirror pairs (seed 003). Fakes that do not model them answer NotConfigured.
+
+    fn mount_inquiry(
+        &self,
+        node: &str,
+        volume: &str,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<MountAnswer, NodeCallError>> {
+        let _ = (node, volume, timeout);
+        Box::pin(async { Err(NodeCallError::NotConfigured(NO_MIRROR.into())) })
+    }
+
+    fn set_mirror_leg(
+        &self,
+        node: &str,
+        request: LegRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<LegAnswer, NodeCallError>> {
+        let _ = (node, request, timeout);
+        Box::pin(async { Err(NodeCallError::NotConfigured(NO_MIRROR.into())) })
+    }
+
+    fn collect_dirty(
+        &self,
+        node: &str,
+        volume: &str,
+        acknowledge: u64,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<DirtyAnswer, NodeCallError>> {
+        let _ = (node, volume, acknowledge, timeout);
+        Box::pin(async { Err(NodeCallError::NotConfigured(NO_MIRROR.into())) })
+    }
+
+    /// Copies `extents` (portable roaring) of the primary to its leg; the bytes copied.
+    fn copy_to_leg(
+        &self,
+        node: &str,
+        volume: &str,
+        extents: Vec<u8>,
+        held: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<u64, NodeCallError>> {
+        let _ = (node, volume, extents, held, timeout);
+        Box::pin(async { Err(NodeCallError::NotConfigured(NO_MIRROR.into())) })
+    }
+}
+
+const NO_MIRROR: &str = "this node-control client does not implement the mirror calls";
+
+fn wire_leg_mode(mode: LegMode) -> i32 {
+    (match mode {
+        LegMode::None => pb::LegMode::LegNone,
+        LegMode::Mirror => pb::LegMode::LegMirror,
+        LegMode::Track => pb::LegMode::LegTrack,
+    }) as i32
+}
+
+fn leg_answer(r: Option<pb::MirrorLegResponse>) -> LegAnswer {
+    let r = r.unwrap_or_default();
+    LegAnswer {
+        state: r.state,
+        mode: match pb::LegMode::try_from(r.mode) {
+            Ok(pb::LegMode::LegMirror) => Some(LegMode::Mirror),
+            Ok(pb::LegMode::LegTrack) => Some(LegMode::Track),
+            _ => None,
+        },
+        failure: r.failure,
+    }
 }
 
 /// [`NodeControl`] over the node plugins' gRPC service.
@@ -223,6 +341,16 @@ impl TonicNodeControl {
             }
         };
         Ok(NodeControlClient::new(channel))
+    }
+
+    async fn client_for(&self, node: &str) -> Result<NodeControlClient<Channel>, NodeCallError> {
+        TonicNodeControl::connect(
+            self.client.clone(),
+            self.namespace.clone(),
+            Arc::clone(&self.channels),
+            node.to_string(),
+        )
+        .await
     }
 
     fn request<T>(
@@ -479,6 +607,115 @@ impl NodeControl for TonicNodeControl {
                 in_use: r.in_use_extents,
                 high_priority: r.high_priority_extents,
             })
+        })
+    }
+
+    fn mount_inquiry(
+        &self,
+        node: &str,
+        volume: &str,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<MountAnswer, NodeCallError>> {
+        let this = self.clone();
+        let node = node.to_string();
+        let volume = volume.to_string();
+        Box::pin(async move {
+            let mut client = this.client_for(&node).await?;
+            let r = client
+                .mount_inquiry(this.request(pb::MountInquiryRequest { volume }, timeout)?)
+                .await
+                .map_err(|s| from_status(&node, s))?
+                .into_inner();
+            Ok(MountAnswer {
+                staged: r.staged,
+                published: r.published,
+                mounted: r.mounted,
+                paths: r.paths,
+                detail: r.detail,
+            })
+        })
+    }
+
+    fn set_mirror_leg(
+        &self,
+        node: &str,
+        request: LegRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<LegAnswer, NodeCallError>> {
+        let this = self.clone();
+        let node = node.to_string();
+        Box::pin(async move {
+            let mut client = this.client_for(&node).await?;
+            let message = pb::SetMirrorLegRequest {
+                volume: request.volume,
+                secondary: request.secondary,
+                mode: wire_leg_mode(request.mode),
+                reset_dirty: request.reset_cut.is_some(),
+                cut: request.reset_cut.unwrap_or_default(),
+            };
+            let r = client
+                .set_mirror_leg(this.request(message, timeout)?)
+                .await
+                .map_err(|s| from_status(&node, s))?
+                .into_inner();
+            Ok(leg_answer(Some(r)))
+        })
+    }
+
+    fn collect_dirty(
+        &self,
+        node: &str,
+        volume: &str,
+        acknowledge: u64,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<DirtyAnswer, NodeCallError>> {
+        let this = self.clone();
+        let node = node.to_string();
+        let volume = volume.to_string();
+        Box::pin(async move {
+            let mut client = this.client_for(&node).await?;
+            let message = pb::CollectDirtyRequest {
+                volume,
+                acknowledge,
+            };
+            let r = client
+                .collect_dirty(this.request(message, timeout)?)
+                .await
+                .map_err(|s| from_status(&node, s))?
+                .into_inner();
+            Ok(DirtyAnswer {
+                leg: leg_answer(r.leg),
+                sequence: r.sequence,
+                extents: r.extents,
+                complete: r.complete,
+            })
+        })
+    }
+
+    fn copy_to_leg(
+        &self,
+        node: &str,
+        volume: &str,
+        extents: Vec<u8>,
+        held: bool,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<u64, NodeCallError>> {
+        let this = self.clone();
+        let node = node.to_string();
+        let volume = volume.to_string();
+        Box::pin(async move {
+            let mut client = this.client_for(&node).await?;
+            let message = pb::CopyToLegRequest {
+                volume,
+                extents,
+                held,
+            };
+            let r = client
+                .copy_to_leg(this.request(message, timeout)?)
+                .await
+                .map_err(|s| from_status(&node, s))?
+                .into_inner();
+            Ok(r.bytes_copied)
         })
     }
 }

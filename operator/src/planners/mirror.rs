@@ -74,7 +74,9 @@ pub const CONDITION_SHIFT_BLOCKED: &str = "ShiftBlocked";
 /// information processing unit mounts the second logical volume"). It says *how* the node uses
 /// the secondary, which the API's [`MountAnswer`] cannot (docs/mirror.md, API gaps); the
 /// warning names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum NodeAnswer {
     /// A file system on the secondary is in the node's mount table.
     Mounted,
@@ -118,7 +120,7 @@ impl NodeAnswer {
 }
 
 /// What to do with the pending formation or resync after the inquiry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum MountDecision {
     /// No node that can reach the secondary has it in use: go on, no warning.
     Proceed,
@@ -258,7 +260,7 @@ pub fn extent_ranges(set: &RoaringTreemap) -> Vec<ExtentRange> {
 // ---------------------------------------------------------------------------------------------
 
 /// What the node plugins translating the primary do with a write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum DataPath {
     /// Primary only, nothing recorded (no pair, or a failed formation: it restarts from 0).
     Unpaired,
@@ -271,7 +273,7 @@ pub enum DataPath {
 }
 
 /// Which copy a pass is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum CopyKind {
     /// Every extent, primary → secondary (JP formation copy, S705).
     Formation,
@@ -388,14 +390,14 @@ pub enum Command {
 }
 
 /// Why the pair is `Failed`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     pub during: CopyKind,
     pub cause: String,
 }
 
 /// A pending shift guarded by the mount check: the formation (claim 2) or the resync (claim 1).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Gate {
     purpose: CopyKind,
     /// The current inquiry round.
@@ -408,7 +410,7 @@ struct Gate {
     warned: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct CopyPass {
     op: u64,
     kind: CopyKind,
@@ -417,7 +419,7 @@ struct CopyPass {
 }
 
 /// The fixed facts of a pair, and the spec fields the machine starts from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PairSetup {
     pub primary: String,
     pub secondary: String,
@@ -450,7 +452,7 @@ impl PairSetup {
 }
 
 /// The state of one MirrorPair.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MirrorPairState {
     setup: PairSetup,
     phase: MirrorPhase,
@@ -472,7 +474,7 @@ pub struct MirrorPairState {
     accessors: Option<BTreeSet<String>>,
     /// The last round's answers (`status.secondaryAccessors`).
     answers: Vec<(String, NodeAnswer)>,
-    conditions: BTreeMap<&'static str, (bool, String)>,
+    conditions: BTreeMap<String, (bool, String)>,
     failure: Option<Failure>,
     last_op: u64,
 }
@@ -572,6 +574,29 @@ impl MirrorPairState {
     /// The running copy: its `op` and kind.
     pub fn copy_in_flight(&self) -> Option<(u64, CopyKind)> {
         self.copy.as_ref().map(|c| (c.op, c.kind))
+    }
+
+    /// The extents of the running copy pass: every extent for a formation, the pass's set for a
+    /// resync. A restarted controller re-runs the pass from these.
+    pub fn copy_pass_extents(&self) -> Option<RoaringTreemap> {
+        let copy = self.copy.as_ref()?;
+        Some(match copy.kind {
+            CopyKind::Formation => {
+                let mut all = RoaringTreemap::new();
+                all.insert_range(0..self.setup.extents);
+                all
+            }
+            CopyKind::Resync => copy.extents.clone(),
+        })
+    }
+
+    /// The inquiry round waiting for answers and the nodes it asks (a restarted controller asks
+    /// them again).
+    pub fn mount_check_round(&self) -> Option<(u64, Vec<String>)> {
+        self.gate
+            .as_ref()
+            .filter(|g| g.decision.is_none())
+            .map(|g| (g.op, g.asked.iter().cloned().collect()))
     }
 
     /// The outstanding split cut.
@@ -722,7 +747,7 @@ impl MirrorPairState {
                 reason,
                 message: value.1.clone(),
             });
-            self.conditions.insert(kind, value);
+            self.conditions.insert(kind.to_string(), value);
         }
     }
 
