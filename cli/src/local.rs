@@ -642,6 +642,10 @@ impl Starting {
                 // before it changes the volume's mapping (seed 004).
                 "--token-file".into(),
                 token_file.display().to_string(),
+                // Eight missed heartbeats make an area Offline (the operator's default is 40 s
+                // for the nodes' default 5 s).
+                "--area-heartbeat-timeout-seconds".into(),
+                (config.heartbeat_seconds.max(1) * 8).to_string(),
             ],
         )?;
         self.wait(operator, "taking its leader Lease", || {

@@ -26,6 +26,8 @@ pub const PARAM_PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 pub const PARAM_PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 pub const PARAM_POOL: &str = "tessera.io/pool";
 pub const PARAM_PRIORITY_CLASS: &str = "tessera.io/priorityClass";
+/// StorageClass parameter: replicas per extent (seed 001 [0019] duplexed volumes).
+pub const PARAM_COPIES: &str = "tessera.io/copies";
 /// volume_context key naming the claim as `namespace/name`.
 pub const CONTEXT_CLAIM: &str = "tessera.io/claim";
 /// publish_context key carrying the committed mapping generation.
@@ -78,6 +80,8 @@ pub struct VolumeRequest {
     /// The node the scheduler picked (WaitForFirstConsumer): passed as preferred topology.
     pub preferred_node: Option<String>,
     pub access: Access,
+    /// `tessera.io/copies` (absent: the driver's default, 1).
+    pub copies: Option<u8>,
 }
 
 impl VolumeRequest {
@@ -89,6 +93,7 @@ impl VolumeRequest {
             priority_class: priority_class.into(),
             preferred_node: None,
             access: Access::Block,
+            copies: None,
         }
     }
 
@@ -231,12 +236,15 @@ impl<'e> Orchestrator<'e> {
     /// (with `--extra-create-metadata`: the PVC name and namespace parameters).
     pub async fn create_volume(&mut self, req: &VolumeRequest) -> Result<Provisioned> {
         let csi_name = req.csi_name.clone();
-        let parameters = HashMap::from([
+        let mut parameters = HashMap::from([
             (PARAM_PVC_NAME.to_string(), req.pvc.clone()),
             (PARAM_PVC_NAMESPACE.to_string(), self.env.namespace.clone()),
             (PARAM_POOL.to_string(), self.env.pool.clone()),
             (PARAM_PRIORITY_CLASS.to_string(), req.priority_class.clone()),
         ]);
+        if let Some(copies) = req.copies {
+            parameters.insert(PARAM_COPIES.to_string(), copies.to_string());
+        }
         // With WaitForFirstConsumer, csi-provisioner sends every node as requisite and the
         // scheduler's pick first among the preferred.
         let accessibility_requirements = req.preferred_node.as_ref().map(|picked| {

@@ -28,8 +28,9 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use serde_json::{Value, json};
 use tessera_api::v1alpha1::{
-    AreaPhase, AttachmentState, ChargingPolicy, StorageArea, StoragePool, VirtualVolume,
-    VolumeCharge, VolumePhase, VolumeRemap, VolumeUsage as WireUsage,
+    AreaPhase, AttachmentState, ChargingPolicy, CopyMode, CopyPolicy, EvacuateArea, RemapOperation,
+    RemapOperationType, StorageArea, StoragePool, VirtualVolume, VolumeCharge, VolumePhase,
+    VolumeRemap, VolumeRemapSpec, VolumeUsage as WireUsage,
 };
 
 use super::support::{
@@ -277,6 +278,7 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
     };
     let mut conditions = status.conditions.clone();
     let mut unhealthy: Vec<String> = Vec::new();
+    let mut offline: Vec<String> = Vec::new();
     for area in areas_of(&volume) {
         let phase = ctx
             .stores
@@ -289,7 +291,11 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
                 phase.map_or("missing".to_owned(), |p| format!("{p:?}"))
             ));
         }
+        if phase == Some(AreaPhase::Offline) {
+            offline.push(area);
+        }
     }
+
     let fenced: Vec<String> = status
         .attachments
         .iter()
@@ -396,8 +402,79 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
         )
         .await?;
     }
+    // After the status: Degraded is shown whatever happens to the rebuild request.
+    if volume.spec.copies >= 2 && status.mapping.is_some() && !offline.is_empty() {
+        request_rebuild(&volume, &offline, ctx).await?;
+    }
     let requeue = next_charge.map_or(ctx.config.resync, |d| d.min(ctx.config.resync));
     Ok(Action::requeue(requeue))
+}
+
+/// Duplexed volumes (`copies` ≥ 2, seed 001 [0019]): the replicas on an area that went Offline
+/// are rebuilt from the surviving replica onto areas placement chooses, by an `EvacuateArea`
+/// VolumeRemap (online copy under the quiesce of the volume's nodes; docs/mirror.md §8). One
+/// rebuild at a time per volume; the name carries the mapping generation, so a rebuild that
+/// failed (say, no room) is tried again once the mapping changed, and repeats of this
+/// reconcile find the one already asked for.
+async fn request_rebuild(volume: &VirtualVolume, offline: &[String], ctx: &Context) -> Result<()> {
+    let name = volume.name_any();
+    let busy = ctx
+        .stores
+        .remaps
+        .state()
+        .iter()
+        .any(|r| r.spec.volume_name == name && !super::claim::is_final(r));
+    if busy {
+        return Ok(());
+    }
+    let Some(area) = offline.first() else {
+        return Ok(());
+    };
+    let generation = volume
+        .status
+        .as_ref()
+        .and_then(|s| s.mapping.as_ref())
+        .map_or(0, |m| m.generation);
+    let remap_name = format!("rebuild-{name}-{area}-g{generation}");
+    let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
+    if remaps.get_opt(&remap_name).await?.is_some() {
+        return Ok(());
+    }
+    let spec = VolumeRemapSpec {
+        volume_name: name.clone(),
+        operation: RemapOperation {
+            type_: RemapOperationType::EvacuateArea,
+            r#move: None,
+            evacuate_area: Some(EvacuateArea { area: area.clone() }),
+            release_ranges: None,
+        },
+        copy: CopyPolicy {
+            mode: CopyMode::Online,
+            ..Default::default()
+        },
+        policy: Default::default(),
+    };
+    match remaps
+        .create(&Default::default(), &VolumeRemap::new(&remap_name, spec))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    ctx.publish(
+        &reference(volume),
+        EventType::Warning,
+        "RebuildStarted",
+        "Rebuild",
+        format!(
+            "area {area} is Offline: its replicas of {name} are rebuilt from the surviving \
+             replica onto other areas by VolumeRemap {remap_name}"
+        ),
+        None,
+    )
+    .await;
+    Ok(())
 }
 
 async fn cleanup(volume: &VirtualVolume, ctx: &Context) -> Result<Action> {
