@@ -992,3 +992,55 @@ async fn as28_move_of_a_volume_nobody_uses_sends_no_hold_and_records_the_mapping
     cluster.assert_no_extent_mapped_twice().await;
     operator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_secondary_of_a_mirror_pair_is_not_remapped() {
+    let cluster = Cluster::start().await;
+    let nodes = Arc::new(InMemoryNodes::default());
+    let mut config = cluster.config("operator-0");
+    config.node_control = Some(Arc::clone(&nodes) as Arc<dyn node_control::NodeControl>);
+    let operator = cluster.spawn(config);
+    let volume = setup(&cluster, 3).await;
+    let base = generation(&volume);
+    // Linked as a secondary (what the mirror controller writes): its primary's nodes write it
+    // through its current mapping.
+    cluster
+        .api::<VirtualVolume>()
+        .patch_status(
+            &volume.name_any(),
+            &Default::default(),
+            &kube::api::Patch::Merge(json!({ "status": { "mirror": {
+                "pair": "pair-0", "role": "Secondary", "peer": "vol-primary", "leg": "Mirror",
+                "writers": ["node-a"],
+            }}})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        &cluster.api::<VirtualVolume>(),
+        &volume.name_any(),
+        "linked",
+        |v| v.status.as_ref().and_then(|s| s.mirror.as_ref()).is_some(),
+    )
+    .await;
+    create_move(&cluster, "move", &volume.name_any(), 3, "area-c", json!({})).await;
+
+    let remap = finished(&cluster, "move").await;
+    let status = remap.status.clone().unwrap();
+    assert_eq!(status.phase, Some(RemapPhase::Failed), "{status:#?}");
+    assert!(
+        status
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("secondary of mirror pair pair-0")),
+        "{status:#?}"
+    );
+    let after = cluster
+        .api::<VirtualVolume>()
+        .get(&volume.name_any())
+        .await
+        .unwrap();
+    assert_eq!(generation(&after), base, "the mapping changed");
+    assert!(nodes.calls.lock().unwrap().is_empty());
+    operator.stop().await;
+}

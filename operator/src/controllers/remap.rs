@@ -24,7 +24,8 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::json;
 use tessera_api::model::Edit;
 use tessera_api::v1alpha1::{
-    ReclaimTier, RemapOperationType, RemapPhase, VirtualVolume, VolumeMapping, VolumeRemap,
+    MirrorRole, ReclaimTier, RemapOperationType, RemapPhase, VirtualVolume, VolumeMapping,
+    VolumeRemap,
 };
 
 use super::coordinator::{self, STATE_ANNOTATION};
@@ -73,6 +74,29 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
         return Ok(Action::await_change());
     }
     let volumes: Api<VirtualVolume> = Api::all(ctx.client.clone());
+    // The secondary of a mirror pair is written by its primary's nodes through a copy of its map
+    // (the mirror leg, docs/mirror.md §7): a remap would leave them writing the old extents.
+    // Refused before anything starts; a remap already started runs to its end.
+    if !remap.annotations().contains_key(STATE_ANNOTATION)
+        && let Some(link) = ctx
+            .stores
+            .volumes
+            .get(&ObjectRef::new(&remap.spec.volume_name))
+            .and_then(|v| v.status.as_ref().and_then(|s| s.mirror.clone()))
+        && link.role == MirrorRole::Secondary
+    {
+        return fail(
+            &ctx,
+            &remap,
+            format!(
+                "volume {} is the secondary of mirror pair {}: its primary's nodes write it \
+                 through its current mapping, so it cannot be remapped while paired (delete \
+                 the MirrorPair first)",
+                remap.spec.volume_name, link.pair
+            ),
+        )
+        .await;
+    }
     // Moves, and releases of volumes a node uses, need the quiesce: the coordinator's. So does
     // a release the coordinator already started (it owns it to the end).
     let release = remap
