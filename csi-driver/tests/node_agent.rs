@@ -257,6 +257,18 @@ async fn volume_condition_is_abnormal_when_a_replica_is_unreachable() {
         &nbd.read(ES, 4096).await.expect("read")[..],
         &pattern(2, 4096)[..]
     );
+    // The operator learns it from the attachment (it rebuilds the replica, docs/mirror.md §8).
+    let volumes = cluster.volumes();
+    eventually(15, "node-a to report node-b-area-0 unhealthy", || {
+        let volumes = volumes.clone();
+        async move {
+            let volume = volumes.get("vol-mirror").await.ok()?;
+            let status = volume.status?;
+            let entry = status.attachments.iter().find(|a| a.node == "node-a")?;
+            (entry.unhealthy_areas == ["node-b-area-0"]).then_some(())
+        }
+    })
+    .await;
     nbd.disconnect().await;
     a.unstage("vol-mirror", &staging).await.expect("unstage");
     a.stop().await;

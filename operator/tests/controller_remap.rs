@@ -1044,3 +1044,112 @@ async fn the_secondary_of_a_mirror_pair_is_not_remapped() {
     assert!(nodes.calls.lock().unwrap().is_empty());
     operator.stop().await;
 }
+
+/// Seed 001 [0019] duplexed volume: a node reports that it stopped writing one replica (a
+/// failed write, the area itself Online again): the volume is Degraded and the operator
+/// rebuilds that area's replicas from the surviving ones by an EvacuateArea remap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_a_node_stopped_writing_is_rebuilt_elsewhere() {
+    let cluster = Cluster::start().await;
+    let nodes = Arc::new(InMemoryNodes::default());
+    let mut config = cluster.config("operator-0");
+    config.node_control = Some(Arc::clone(&nodes) as Arc<dyn node_control::NodeControl>);
+    let operator = cluster.spawn(config);
+    cluster
+        .create_class("standard", 0, DataPriority::High)
+        .await;
+    cluster.create_pool("pool", json!({})).await;
+    cluster.create_area("area-a", "node-a", "pool", 16).await;
+    cluster.create_area("area-b", "node-b", "pool", 16).await;
+    cluster.create_area("area-c", "node-c", "pool", 16).await;
+    let claim: StorageClaim = serde_json::from_value(json!({
+        "apiVersion": "tessera.io/v1alpha1",
+        "kind": "StorageClaim",
+        "metadata": { "name": "duplexed", "namespace": "default" },
+        "spec": { "poolName": "pool", "sizeBytes": 2 * ES, "priorityClassName": "standard", "copies": 2 },
+    }))
+    .unwrap();
+    cluster
+        .claims()
+        .create(&PostParams::default(), &claim)
+        .await
+        .unwrap();
+    let (_, volume) = cluster.bound("duplexed").await;
+    let before = areas_of(&volume);
+    assert_eq!(before.len(), 2, "two replicas on two areas: {before:?}");
+    let failed = before[1].clone();
+    attach(&cluster, &volume, &["node-a"]).await;
+    let volumes = cluster.api::<VirtualVolume>();
+    let current = volumes.get(&volume.name_any()).await.unwrap();
+    let mut attachments = current.status.clone().unwrap().attachments;
+    attachments[0].unhealthy_areas = vec![failed.clone()];
+    volumes
+        .patch_status(
+            &volume.name_any(),
+            &Default::default(),
+            &kube::api::Patch::Merge(json!({ "status": { "attachments": attachments } })),
+        )
+        .await
+        .unwrap();
+
+    let rebuilt = wait_for(
+        &volumes,
+        &volume.name_any(),
+        "rebuilt",
+        |v: &VirtualVolume| !areas_of(v).contains(&failed) && areas_of(v).len() == 2,
+    )
+    .await;
+    let remaps = cluster
+        .api::<VolumeRemap>()
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let rebuild = remaps
+        .items
+        .iter()
+        .find(|r| r.name_any().starts_with("rebuild-"))
+        .expect("a rebuild remap");
+    assert_eq!(
+        rebuild
+            .spec
+            .operation
+            .evacuate_area
+            .as_ref()
+            .map(|e| e.area.clone()),
+        Some(failed.clone())
+    );
+    // Every extent still has two replicas, none on the failed area; copies went through node-a.
+    for run in &rebuilt
+        .status
+        .as_ref()
+        .unwrap()
+        .mapping
+        .as_ref()
+        .unwrap()
+        .extents
+    {
+        assert_eq!(run.replicas.len(), 2, "{run:?}");
+    }
+    let calls = nodes.calls.lock().unwrap().clone();
+    assert!(
+        calls
+            .iter()
+            .any(|(n, rpc)| n == "node-a" && *rpc == "CopyExtents"),
+        "{calls:?}"
+    );
+    wait_for(
+        &volumes,
+        &volume.name_any(),
+        "not Degraded",
+        |v: &VirtualVolume| {
+            v.status.as_ref().is_some_and(|s| {
+                s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Degraded" && c.status == "False")
+            })
+        },
+    )
+    .await;
+    cluster.assert_no_extent_mapped_twice().await;
+    operator.stop().await;
+}

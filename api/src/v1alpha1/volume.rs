@@ -267,6 +267,11 @@ pub struct VolumeAttachment {
     /// Mapping generation the node translates with.
     pub applied_generation: i64,
     pub state: AttachmentState,
+    /// Areas whose replicas of this volume this node stopped writing after a failure (the
+    /// volume is degraded there until the replicas are rebuilt).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub unhealthy_areas: Vec<String>,
 }
 
 /// I/O state of a node's view of the volume (seed 004 §7).

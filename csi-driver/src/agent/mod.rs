@@ -407,5 +407,6 @@ async fn heartbeat_loop(
             tracing::warn!(%error, "lease renewal failed");
         }
         status::report_usage_all(&agent).await;
+        status::report_health_all(&agent).await;
     }
 }

@@ -79,6 +79,8 @@ pub struct StagedVolume {
     pub remote_areas: BTreeSet<AreaId>,
     /// The bitmaps of the last usage report written.
     pub last_report: Option<status::UsageView>,
+    /// The unhealthy areas last reported in `status.attachments`.
+    pub last_health: Option<Vec<String>>,
     /// Brought back from the mapping cache after a restart (no kernel device yet).
     pub restored: bool,
     /// Dirty-report bookkeeping of a mirror primary or secondary (`agent::mirror`).
@@ -700,6 +702,7 @@ impl Agent {
             published: BTreeMap::new(),
             remote_areas,
             last_report: None,
+            last_health: None,
             restored: false,
             mirror,
         };
@@ -1308,6 +1311,7 @@ impl Agent {
                         .collect(),
                     remote_areas,
                     last_report: None,
+                    last_health: None,
                     restored: true,
                     mirror,
                 };

@@ -98,12 +98,19 @@ pub(crate) async fn set_attachment_state(
             .map(|s| s.attachments.clone())
             .unwrap_or_default();
         let before = attachments.clone();
+        // What this node reported about its replicas stays until the health report changes it.
+        let unhealthy_areas = attachments
+            .iter()
+            .find(|a| &a.node == node)
+            .map(|a| a.unhealthy_areas.clone())
+            .unwrap_or_default();
         attachments.retain(|a| &a.node != node);
         if let Some(generation) = generation {
             attachments.push(VolumeAttachment {
                 node: node.clone(),
                 applied_generation: generation,
                 state,
+                unhealthy_areas,
             });
             attachments.sort_by(|a, b| a.node.cmp(&b.node));
         }
@@ -194,6 +201,94 @@ pub(crate) async fn write_usage_report(
     .await
     .map_err(|e| AgentError::api(format!("usage report of {}", volume.name()), e))?;
     Ok(())
+}
+
+/// This node's `unhealthyAreas` in `status.attachments` (only its existing entry).
+pub(crate) async fn set_attachment_health(
+    agent: &Agent,
+    volume: &str,
+    unhealthy: &[String],
+) -> Result<(), AgentError> {
+    let api: Api<VirtualVolume> = Api::all(agent.client.clone());
+    let node = &agent.config.node_id;
+    for attempt in 0..10 {
+        let Some(current) = api
+            .get_opt(volume)
+            .await
+            .map_err(|e| AgentError::api(format!("get VirtualVolume {volume}"), e))?
+        else {
+            return Ok(());
+        };
+        let mut attachments: Vec<VolumeAttachment> = current
+            .status
+            .as_ref()
+            .map(|s| s.attachments.clone())
+            .unwrap_or_default();
+        let Some(entry) = attachments.iter_mut().find(|a| &a.node == node) else {
+            return Ok(());
+        };
+        if entry.unhealthy_areas == unhealthy {
+            return Ok(());
+        }
+        entry.unhealthy_areas = unhealthy.to_vec();
+        let patch = json!({
+            "metadata": {"resourceVersion": current.metadata.resource_version},
+            "status": {"attachments": attachments},
+        });
+        match api
+            .patch_status(volume, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+            Err(e) => {
+                return Err(AgentError::api(
+                    format!("patch VirtualVolume {volume} attachments"),
+                    e,
+                ));
+            }
+        }
+    }
+    Err(AgentError::Unsupported(format!(
+        "VirtualVolume {volume}: attachments kept conflicting"
+    )))
+}
+
+/// Every heartbeat, per staged volume: the areas whose replicas this node stopped writing
+/// (a failed replica is not written again until it is rebuilt, so the operator must know even
+/// when the area itself came back Online), when they changed since the last report.
+pub(crate) async fn report_health_all(agent: &Arc<Agent>) {
+    let volumes: Vec<(Arc<Volume>, Option<Vec<String>>)> = {
+        let staged = agent.staged.lock().await;
+        staged
+            .volumes
+            .values()
+            .map(|v| (Arc::clone(&v.volume), v.last_health.clone()))
+            .collect()
+    };
+    for (volume, last) in volumes {
+        let now: Vec<String> = volume
+            .health()
+            .unhealthy_areas
+            .iter()
+            .map(|a| a.as_str().to_string())
+            .collect();
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        match set_attachment_health(agent, volume.name(), &now).await {
+            Ok(()) => {
+                let mut staged = agent.staged.lock().await;
+                if let Some(entry) = staged.volumes.get_mut(volume.name()) {
+                    entry.last_health = Some(now);
+                }
+            }
+            Err(error) => tracing::warn!(volume = volume.name(), %error, "health report failed"),
+        }
+    }
 }
 
 /// Every heartbeat: a report for each staged volume whose bitmaps changed since the last one.

@@ -1053,6 +1053,7 @@ impl Driver {
                     node: node.to_string(),
                     applied_generation: applied,
                     state: AttachmentState::Fenced,
+                    unhealthy_areas: Vec::new(),
                 }),
             }
             Some(json!({ "attachments": attachments }))

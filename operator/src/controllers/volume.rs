@@ -295,6 +295,16 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
             offline.push(area);
         }
     }
+    // Replicas a node stopped writing after a failure, even on an area that is Online again
+    // (it missed writes since): degraded, and rebuilt like an Offline area's.
+    for attachment in &status.attachments {
+        for area in &attachment.unhealthy_areas {
+            if areas_of(&volume).contains(area) && !offline.contains(area) {
+                unhealthy.push(format!("{area} (missed writes on {})", attachment.node));
+                offline.push(area.clone());
+            }
+        }
+    }
 
     let fenced: Vec<String> = status
         .attachments
@@ -410,8 +420,9 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(requeue))
 }
 
-/// Duplexed volumes (`copies` ≥ 2, seed 001 [0019]): the replicas on an area that went Offline
-/// are rebuilt from the surviving replica onto areas placement chooses, by an `EvacuateArea`
+/// Duplexed volumes (`copies` ≥ 2, seed 001 [0019]): the replicas on an area that went Offline,
+/// or that a node stopped writing after a failure (`attachments[].unhealthyAreas`), are rebuilt
+/// from the surviving replica onto areas placement chooses, by an `EvacuateArea`
 /// VolumeRemap (online copy under the quiesce of the volume's nodes; docs/mirror.md §8). One
 /// rebuild at a time per volume; the name carries the mapping generation, so a rebuild that
 /// failed (say, no room) is tried again once the mapping changed, and repeats of this
@@ -468,8 +479,9 @@ async fn request_rebuild(volume: &VirtualVolume, offline: &[String], ctx: &Conte
         "RebuildStarted",
         "Rebuild",
         format!(
-            "area {area} is Offline: its replicas of {name} are rebuilt from the surviving \
-             replica onto other areas by VolumeRemap {remap_name}"
+            "the replicas of {name} on area {area} are unavailable (area Offline, or writes \
+             missed): they are rebuilt from the surviving replica onto other areas by \
+             VolumeRemap {remap_name}"
         ),
         None,
     )
