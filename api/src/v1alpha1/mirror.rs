@@ -36,6 +36,12 @@ pub const MIRROR_ROLE_LABEL: &str = "tessera.io/mirror-role";
         type_ = "integer",
         json_path = ".status.copyProgressPercent"
     ),
+    printcolumn(name = "Dirty", type_ = "integer", json_path = ".status.dirtyBytes"),
+    printcolumn(
+        name = "LastSync",
+        type_ = "date",
+        json_path = ".status.lastSyncTime"
+    ),
     printcolumn(
         name = "Age",
         type_ = "date",
