@@ -734,6 +734,7 @@ async fn as19_a_node_staging_during_a_remap_waits_until_it_ends() {
                         length: ES as i64,
                     }],
                     tier: tessera_api::v1alpha1::ReclaimTier::Unused,
+                    discard: false,
                 }),
             },
             copy: CopyPolicy::default(),

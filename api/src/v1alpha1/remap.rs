@@ -100,6 +100,11 @@ pub struct ReleaseRanges {
     /// Unused: release only blocks still unused when re-checked under the hold.
     /// LowPriority: release low-priority data too (the data is lost).
     pub tier: super::ReclaimTier,
+    /// Release every named mapped extent whatever it holds, without the re-check (its data is
+    /// discarded): a mirror secondary returning its excess (ResizeToMatch, JP S2203). Not for
+    /// reclaim.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub discard: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]

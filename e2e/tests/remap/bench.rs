@@ -226,6 +226,7 @@ fn release(name: &str, volume: &str, offset: i64, length: i64) -> VolumeRemap {
                 release_ranges: Some(ReleaseRanges {
                     ranges: vec![VolumeRange { offset, length }],
                     tier: ReclaimTier::Unused,
+                    discard: false,
                 }),
             },
             copy: CopyPolicy::default(),

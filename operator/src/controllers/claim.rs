@@ -999,6 +999,8 @@ async fn request_return(
                 release_ranges: Some(ReleaseRanges {
                     ranges,
                     tier: ret.tier,
+                    // Reclaim re-checks the tier under the hold (D-17).
+                    discard: false,
                 }),
             },
             copy: CopyPolicy::default(),

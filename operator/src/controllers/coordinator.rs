@@ -48,7 +48,7 @@ use super::support::{
 use super::usage::{UsageReport, extent_states};
 use super::view::{PoolView, attached_nodes, extent_size};
 use super::{Context, Error, Result, Stores};
-use crate::planners::allocation::recheck_under_hold;
+use crate::planners::allocation::{mapped_named, recheck_under_hold};
 use crate::planners::migration::{CopyAction, CopyState, Migration};
 use crate::planners::placement::{PlacementRequest, PlacementRules, plan_placement};
 use crate::planners::remap::{
@@ -77,6 +77,9 @@ pub enum Plan {
         extents: Vec<(u64, u64)>,
         tier: ReclaimTier,
         released: Option<u64>,
+        /// `releaseRanges.discard`: no re-check, every named mapped extent goes.
+        #[serde(default)]
+        discard: bool,
     },
 }
 
@@ -408,6 +411,7 @@ async fn start(remap: &VolumeRemap, ctx: &Context) -> Result<std::result::Result
                 extents: coalesce(named).iter().map(|r| (r.start, r.len)).collect(),
                 tier: release.tier,
                 released: None,
+                discard: release.discard,
             }
         }
         RemapOperationType::Move | RemapOperationType::EvacuateArea => {
@@ -1090,9 +1094,12 @@ impl Driver {
         let timeout = Duration::from_millis(self.remap.spec.policy.commit_timeout_ms.max(1) as u64);
         self.tasks.spawn(async move {
             let result = match &record.plan {
-                Plan::Release { extents, tier, .. } => {
-                    recheck(&record, &ctx, extents, *tier, timeout).await
-                }
+                Plan::Release {
+                    extents,
+                    tier,
+                    discard,
+                    ..
+                } => recheck(&record, &ctx, extents, *tier, *discard, timeout).await,
                 Plan::Move { moves, .. } => copy_chunk(&record, &ctx, moves, &flag, timeout).await,
             };
             let _ = tx.send(Input::CopyDone { cycle, result });
@@ -1309,6 +1316,7 @@ async fn recheck(
     ctx: &Context,
     extents: &[(u64, u64)],
     tier: ReclaimTier,
+    discard: bool,
     timeout: Duration,
 ) -> std::result::Result<(VolumeMapping, bool, u64), String> {
     let nodes = record.state.active_nodes();
@@ -1346,7 +1354,11 @@ async fn recheck(
         .iter()
         .map(|&(s, l)| ExtentRange::new(s, l))
         .collect();
-    let kept = recheck_under_hold(&states, &named, tier);
+    let kept = if discard {
+        mapped_named(&states, &named)
+    } else {
+        recheck_under_hold(&states, &named, tier)
+    };
     let released = total_len(&kept);
     let target = record.state.target_generation.get();
     let map = edit_map(

@@ -34,7 +34,9 @@ use roaring::{RoaringBitmap, RoaringTreemap};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tessera_api::v1alpha1::{
-    MIRROR_ROLE_LABEL, MirrorLegMode, MirrorPair, MirrorPhase, MirrorRole, VirtualVolume,
+    CopyMode, CopyPolicy, MIRROR_ROLE_LABEL, MirrorLegMode, MirrorPair, MirrorPhase, MirrorRole,
+    ReclaimTier, ReleaseRanges, RemapOperation, RemapOperationType, RemapPhase, VirtualVolume,
+    VolumeRange, VolumeRemap, VolumeRemapSpec,
 };
 
 use super::coordinator::update_volume_status;
@@ -265,7 +267,20 @@ async fn setup(pair: &MirrorPair, ctx: &Context) -> Result<Result<Record, Action
     }
     let es = extent_size(&pool)?.get();
     let primary_view = volume_view(&primary, es, &name);
-    let selection = match &pair.spec.secondary {
+    // A secondary chosen earlier and being resized (ResizeToMatch) is kept: selecting again
+    // could pick another volume, or the same one for the same resize again.
+    let resizing = pair
+        .status
+        .as_ref()
+        .and_then(|s| s.secondary_name.clone())
+        .filter(|_| pair.spec.secondary.is_none());
+    if let Some(chosen) = &resizing {
+        match resize_progress(pair, ctx, chosen, &primary).await? {
+            Ok(()) => {}
+            Err(message) => return waiting(message).await,
+        }
+    }
+    let selection = match resizing.as_ref().or(pair.spec.secondary.as_ref()) {
         Some(secondary) => {
             let Some(object) = volumes.get_opt(secondary).await? else {
                 return waiting(format!(
@@ -315,23 +330,24 @@ async fn setup(pair: &MirrorPair, ctx: &Context) -> Result<Result<Record, Action
         }
     };
     if selection.resize != Resize::None {
-        // Returning the tail (a releaseRanges remap) or growing the secondary is not wired to
-        // the remap and growth paths yet: say so rather than pair volumes of different sizes.
-        let message = format!(
-            "secondary {} needs a resize ({:?}) before it can be paired; resizing is not \
-             implemented yet: name a secondary of at least the primary's size",
-            selection.secondary, selection.resize
-        );
+        let message = start_resize(pair, ctx, &selection, &primary, es).await?;
         ctx.publish(
             &reference(pair),
-            EventType::Warning,
-            "ResizeNotSupported",
+            EventType::Normal,
+            "SecondaryResizing",
             "SelectSecondary",
             message.clone(),
             None,
         )
         .await;
-        return waiting(message).await;
+        patch_status(
+            &pairs,
+            &name,
+            json!({ "phase": MirrorPhase::Simplex, "secondaryName": selection.secondary, "message": message }),
+            None,
+        )
+        .await?;
+        return Ok(Err(Action::requeue(Duration::from_secs(2))));
     }
     let extents = u64::try_from(primary.spec.size_bytes)
         .unwrap_or(0)
@@ -383,6 +399,132 @@ async fn setup(pair: &MirrorPair, ctx: &Context) -> Result<Result<Record, Action
         }
     }
     Ok(Ok(record))
+}
+
+/// The VolumeRemap that returns a selected secondary's tail (ResizeToMatch).
+fn resize_remap_name(pair: &str) -> String {
+    format!("mirror-resize-{pair}")
+}
+
+/// ResizeToMatch (JP Fig. 24, S2202/S2203; M-15): return the tail beyond the primary's size by a
+/// `releaseRanges` VolumeRemap (its data is discarded: the formation overwrites the rest), or grow
+/// the secondary through its StorageClaim (D-33). Returns what the status says meanwhile.
+async fn start_resize(
+    pair: &MirrorPair,
+    ctx: &Context,
+    selection: &crate::planners::mirror::Selection,
+    primary: &VirtualVolume,
+    es: u64,
+) -> Result<String> {
+    let secondary = &selection.secondary;
+    match selection.resize {
+        Resize::None => Ok(String::new()),
+        Resize::Return { range } => {
+            let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
+            let spec = VolumeRemapSpec {
+                volume_name: secondary.clone(),
+                operation: RemapOperation {
+                    type_: RemapOperationType::ReleaseRanges,
+                    r#move: None,
+                    evacuate_area: None,
+                    release_ranges: Some(ReleaseRanges {
+                        ranges: vec![VolumeRange {
+                            offset: (range.start * es) as i64,
+                            length: (range.len * es) as i64,
+                        }],
+                        tier: ReclaimTier::LowPriority,
+                        discard: true,
+                    }),
+                },
+                copy: CopyPolicy {
+                    mode: CopyMode::None,
+                    ..Default::default()
+                },
+                policy: Default::default(),
+            };
+            let name = resize_remap_name(&pair.name_any());
+            match remaps
+                .create(&Default::default(), &VolumeRemap::new(&name, spec))
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(format!(
+                "secondary {secondary} is larger than the primary: its extents {range} beyond \
+                 the primary's size are returned to the pool (VolumeRemap {name}; their data is \
+                 discarded)"
+            ))
+        }
+        Resize::Add { extents } => {
+            let volumes: Api<VirtualVolume> = Api::all(ctx.client.clone());
+            let object = volumes.get(secondary).await?;
+            let Some(claim) = object.spec.claim_ref.clone() else {
+                return Ok(format!(
+                    "secondary {secondary} needs {extents} more extents but has no StorageClaim \
+                     to grow: name a secondary of at least the primary's size"
+                ));
+            };
+            let claims: Api<tessera_api::v1alpha1::StorageClaim> =
+                Api::namespaced(ctx.client.clone(), &claim.namespace);
+            let size = primary.spec.size_bytes;
+            let current = claims.get(&claim.name).await?;
+            if current.spec.size_bytes < size {
+                claims
+                    .patch(
+                        &claim.name,
+                        &field_manager(),
+                        &Patch::Merge(json!({ "spec": { "sizeBytes": size } })),
+                    )
+                    .await?;
+            }
+            Ok(format!(
+                "secondary {secondary} is smaller than the primary: its StorageClaim {}/{} grows \
+                 by {extents} extents to {size} bytes",
+                claim.namespace, claim.name
+            ))
+        }
+    }
+}
+
+/// Whether the resize of the chosen secondary is done: `Ok(Err(message))` while it runs.
+async fn resize_progress(
+    pair: &MirrorPair,
+    ctx: &Context,
+    chosen: &str,
+    primary: &VirtualVolume,
+) -> Result<Result<(), String>> {
+    let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
+    if let Some(remap) = remaps.get_opt(&resize_remap_name(&pair.name_any())).await? {
+        let status = remap.status.unwrap_or_default();
+        return Ok(match status.phase {
+            Some(RemapPhase::Succeeded) => Ok(()),
+            Some(RemapPhase::Failed | RemapPhase::FailedRecovery) => Err(format!(
+                "returning the tail of secondary {chosen} failed: {}",
+                status.message.unwrap_or_default()
+            )),
+            _ => Err(format!("returning the tail of secondary {chosen}")),
+        });
+    }
+    let volumes: Api<VirtualVolume> = Api::all(ctx.client.clone());
+    let Some(object) = volumes.get_opt(chosen).await? else {
+        return Ok(Err(format!("secondary {chosen} is gone")));
+    };
+    let mapped = object
+        .status
+        .as_ref()
+        .and_then(|s| s.mapping.as_ref())
+        .is_some_and(|m| {
+            m.extents.iter().map(|r| r.offset + r.length).max() >= Some(primary.spec.size_bytes)
+        });
+    if object.spec.size_bytes < primary.spec.size_bytes || !mapped {
+        return Ok(Err(format!(
+            "growing secondary {chosen} to {} bytes",
+            primary.spec.size_bytes
+        )));
+    }
+    Ok(Ok(()))
 }
 
 /// The planner's view of a volume: role from the label, pair side from `status.mirror` (a

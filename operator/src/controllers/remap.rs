@@ -33,7 +33,7 @@ use super::support::{claim_reference_from_labels, human_bytes, now, patch_status
 use super::usage::{UsageReport, extent_states};
 use super::view::{extent_size, is_attached};
 use super::{Config, Context, CrashPoint, Error, Informers, Result};
-use crate::planners::allocation::recheck_under_hold;
+use crate::planners::allocation::{mapped_named, recheck_under_hold};
 use crate::planners::{ExtentRange, total_len};
 
 /// Controller name in metrics.
@@ -199,7 +199,11 @@ pub async fn reconcile(remap: Arc<VolumeRemap>, ctx: Arc<Context>) -> Result<Act
     // Re-check: only extents still in the tier's state go.
     let report = UsageReport::of_volume(&volume).ok().flatten();
     let states = extent_states(&mapping, volume.spec.size_bytes, report.as_ref());
-    let kept = recheck_under_hold(&states, &named, release.tier);
+    let kept = if release.discard {
+        mapped_named(&states, &named)
+    } else {
+        recheck_under_hold(&states, &named, release.tier)
+    };
     let released = total_len(&kept);
     let model = mapping
         .to_model(volume.spec.size_bytes)

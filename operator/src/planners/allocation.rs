@@ -569,6 +569,21 @@ pub fn select_return_ranges(
 /// The re-check under the hold (D-17): of the ranges a return named, the extents still in the
 /// tier's state. Only these are released; an extent written since the plan (unused → in use, or
 /// low → high priority) is kept, so reclaim never frees data the tier does not cover.
+/// The named extents that are mapped (any state but unallocated): what a `discard` release
+/// returns without looking at the usage.
+pub fn mapped_named(states: &[ExtentState], named: &[ExtentRange]) -> Vec<ExtentRange> {
+    let mut kept = Vec::new();
+    for range in super::coalesce(named.to_vec()) {
+        let end = range.end().min(states.len() as u64);
+        for i in range.start..end {
+            if states[i as usize] != ExtentState::Unallocated {
+                kept.push(ExtentRange::new(i, 1));
+            }
+        }
+    }
+    super::coalesce(kept)
+}
+
 pub fn recheck_under_hold(
     states: &[ExtentState],
     named: &[ExtentRange],
