@@ -554,3 +554,39 @@ async fn a_restarted_node_reports_its_secondary_incomplete_until_acknowledged() 
     a.stop().await;
     b.stop().await;
 }
+
+/// While the pair's copy runs (`status.mirror.copying`), NodeStage of the primary waits: the
+/// copy's final pass must hold every node that can write it (docs/mirror.md M-26).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_is_staged_only_once_its_mirror_copy_ended() {
+    let cluster = Cluster::start().await;
+    let (a, b) = pair(&cluster, "Mirror", None).await;
+    set_mirror(
+        &cluster,
+        PRIMARY,
+        json!({"pair": PAIR, "role": "Primary", "peer": SECONDARY, "leg": "Mirror",
+               "copying": true}),
+    )
+    .await;
+    let staging = cluster.path("staging/node-a/waits");
+    {
+        let staged = a.stage(PRIMARY, &staging, block_cap());
+        tokio::pin!(staged);
+        // Still waiting a while later: the copy has not ended.
+        tokio::select! {
+            result = &mut staged => panic!("NodeStage did not wait for the copy: {result:?}"),
+            () = tokio::time::sleep(std::time::Duration::from_millis(1500)) => {}
+        }
+        set_mirror(
+            &cluster,
+            PRIMARY,
+            json!({"pair": PAIR, "role": "Primary", "peer": SECONDARY, "leg": "Mirror",
+                   "copying": false}),
+        )
+        .await;
+        staged.await.expect("NodeStage once the copy ended");
+    }
+    a.unstage(PRIMARY, &staging).await.expect("unstage");
+    a.stop().await;
+    b.stop().await;
+}

@@ -154,6 +154,11 @@ pub struct MirrorLink {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub writers: Vec<String>,
+    /// Primary: a formation copy or resync is running. A node stages the primary only once it
+    /// ends, so the copy's final pass holds every node that can write it (like NodeStage waits
+    /// for an in-flight VolumeRemap, seed 004 AS-19).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copying: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]

@@ -296,6 +296,7 @@ mod tests {
             peer: "vol-0".into(),
             leg: MirrorLegMode::Mirror,
             writers: vec!["node-a".into(), "node-b".into()],
+            copying: false,
         };
         let grants = grants_of(&secondary(Some(link)), "node-b", &local).expect("granted");
         // This node's own engine needs no grant.

@@ -144,6 +144,11 @@ pub enum AgentError {
     )]
     RemapInFlight { volume: String, remap: String },
     #[error(
+        "volume {volume}: the formation copy or resync of mirror pair {pair} is running; this \
+         node can stage the volume once it ends"
+    )]
+    MirrorCopyInFlight { volume: String, pair: String },
+    #[error(
         "volume {volume}: the dirty bits are reset only at a split cut, while the volume is held \
          (its gate is {gate})"
     )]

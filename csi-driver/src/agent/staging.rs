@@ -560,6 +560,31 @@ impl Agent {
         }
     }
 
+    /// NodeStage of a primary waits while its mirror copy runs (`status.mirror.copying`): the
+    /// copy's final pass holds the nodes that could write it when it started.
+    pub(crate) async fn wait_for_mirror_copy(&self, volume: &str) -> Result<(), AgentError> {
+        let deadline = Instant::now() + REMAP_WAIT;
+        loop {
+            let object = self.get_volume(volume).await?;
+            let Some(link) = object
+                .status
+                .as_ref()
+                .and_then(|s| s.mirror.as_ref())
+                .filter(|l| l.copying)
+            else {
+                return Ok(());
+            };
+            if Instant::now() >= deadline {
+                return Err(AgentError::MirrorCopyInFlight {
+                    volume: volume.into(),
+                    pair: link.pair.clone(),
+                });
+            }
+            tracing::info!(volume, pair = %link.pair, "NodeStage waits for the mirror copy to end");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// NodeStageVolume.
     pub async fn stage(&self, req: StageRequest) -> Result<(), AgentError> {
         // Not under the registry lock: the wait must not stall the other volumes' remap steps.
@@ -572,6 +597,7 @@ impl Agent {
         let ended = if already {
             BTreeSet::new()
         } else {
+            self.wait_for_mirror_copy(&req.volume_id).await?;
             self.wait_for_remaps(&req.volume_id).await?
         };
         let mut registry = self.staged.lock().await;

@@ -199,9 +199,9 @@ pub fn status_of(error: &AgentError) -> Status {
         AgentError::AlreadyStaged { .. } | AgentError::AlreadyPublished { .. } => {
             Status::already_exists(message)
         }
-        AgentError::AreaUnreachable { .. } | AgentError::RemapInFlight { .. } => {
-            Status::unavailable(message)
-        }
+        AgentError::AreaUnreachable { .. }
+        | AgentError::RemapInFlight { .. }
+        | AgentError::MirrorCopyInFlight { .. } => Status::unavailable(message),
         AgentError::Unsupported(_) => Status::internal(message),
         AgentError::Mount(crate::agent::mounts::MountError::UnsupportedFs(_)) => {
             Status::invalid_argument(message)

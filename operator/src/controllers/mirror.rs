@@ -626,6 +626,14 @@ impl Driver<'_> {
         }
         let primary = self.volume(&self.primary()).await?;
         let secondary = self.volume(&self.secondary()).await?;
+        let copying = primary
+            .status
+            .as_ref()
+            .and_then(|s| s.mirror.as_ref())
+            .is_some_and(|l| l.copying);
+        if copying && self.record.state.copy_in_flight().is_none() {
+            self.set_copying(false).await?;
+        }
         if self.record.path_pending {
             let path = self.record.state.data_path();
             if self.apply_path(path).await.is_ok() {
@@ -1090,6 +1098,35 @@ impl Driver<'_> {
         set: &RoaringTreemap,
     ) -> Result<CopyOutcome, String> {
         let started = std::time::Instant::now();
+        // New nodes wait with their NodeStage until the copy ends (M-26), so the nodes read
+        // below are every node that can write the primary during the copy.
+        self.set_copying(true).await.map_err(|e| e.to_string())?;
+        let result = self.converge_copying(op, kind, set, started).await;
+        if let Err(e) = self.set_copying(false).await {
+            // `run` clears a flag left behind when no copy is in flight.
+            tracing::warn!(pair = %self.name, error = %e, "copying flag not cleared");
+        }
+        result
+    }
+
+    /// `status.mirror.copying` of the primary.
+    async fn set_copying(&self, copying: bool) -> Result<()> {
+        let name = self.name.clone();
+        update_volume_status(self.ctx, &self.primary(), |v| {
+            let link = v.status.as_ref().and_then(|s| s.mirror.as_ref())?;
+            (link.pair == name && link.copying != copying)
+                .then(|| json!({ "mirror": { "copying": copying } }))
+        })
+        .await
+    }
+
+    async fn converge_copying(
+        &mut self,
+        op: u64,
+        kind: CopyKind,
+        set: &RoaringTreemap,
+        started: std::time::Instant,
+    ) -> Result<CopyOutcome, String> {
         let primary = self
             .volume(&self.primary())
             .await
