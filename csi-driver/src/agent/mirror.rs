@@ -156,6 +156,65 @@ impl Agent {
         ))
     }
 
+    /// The private copy of an unused primary: its map and its secondary's from the API, both
+    /// granted to this node through `status.mirror.writers`. Under the registry lock, so this
+    /// node does not stage it meanwhile; other nodes wait for `status.mirror.copying` (M-26).
+    async fn copy_unused_to_leg(
+        &self,
+        volume_id: &str,
+        extents: &roaring::RoaringBitmap,
+    ) -> Result<Option<u64>, AgentError> {
+        let object = self.get_volume(volume_id).await?;
+        if !object.spec.access_nodes().is_empty() {
+            return Ok(None);
+        }
+        let Some(link) = object
+            .status
+            .as_ref()
+            .and_then(|s| s.mirror.as_ref())
+            .filter(|l| l.role == MirrorRole::Primary)
+        else {
+            return Err(AgentError::InvalidMapping {
+                volume: volume_id.into(),
+                reason: "not the primary of a mirror pair".into(),
+            });
+        };
+        let map = Arc::new(Self::model_map(&object)?);
+        let registry = self.staged.lock().await;
+        if registry.volumes.contains_key(volume_id) {
+            return Ok(None);
+        }
+        let mut connected = self.ensure_remote_areas(&registry, volume_id, &map).await?;
+        let result = async {
+            let (leg, areas) = self
+                .open_leg(&registry, &link.peer, LegMode::Mirror)
+                .await?;
+            connected.extend(areas);
+            let engine = crate::engine::Volume::open(
+                volume_id,
+                map,
+                Arc::clone(&self.registry),
+                Default::default(),
+            )
+            .and_then(|engine| engine.set_mirror_leg(Some(leg), false).map(|()| engine))
+            .map_err(|source| AgentError::Engine {
+                volume: volume_id.into(),
+                source,
+            })?;
+            engine
+                .copy_to_leg(extents, true)
+                .await
+                .map_err(|source| AgentError::Engine {
+                    volume: volume_id.into(),
+                    source,
+                })
+        }
+        .await;
+        // Connections only this copy used are closed again.
+        self.release_remote_areas(&registry, &connected).await;
+        result.map(Some)
+    }
+
     /// SetMirrorLeg. Idempotent: the request describes the leg.
     pub async fn set_mirror_leg(
         &self,
@@ -329,7 +388,9 @@ impl Agent {
         }
     }
 
-    /// CopyToLeg: `None` when the volume is not staged here.
+    /// CopyToLeg. A primary not staged here is copied through a private engine, but only when
+    /// no node may write it (no access node): the formation of an unused primary, whose copy
+    /// needs no dirty bits (docs/mirror.md M-23). `None`: not staged here and in use elsewhere.
     pub async fn copy_to_leg(
         &self,
         volume_id: &str,
@@ -341,7 +402,10 @@ impl Agent {
             let registry = self.staged.lock().await;
             match registry.volumes.get(volume_id) {
                 Some(entry) => Arc::clone(&entry.volume),
-                None => return Ok(None),
+                None => {
+                    drop(registry);
+                    return self.copy_unused_to_leg(volume_id, extents).await;
+                }
             }
         };
         volume

@@ -1150,10 +1150,16 @@ impl Driver<'_> {
         acks.extend(sequences);
         pass |= kept;
         let Some(copier) = staged.first().cloned() else {
-            return Err(format!(
-                "primary {} is staged on no node; the copy runs on a node that serves it                  (an unattached primary cannot be paired yet)",
-                self.primary()
-            ));
+            if !nodes.is_empty() {
+                return Err(format!(
+                    "primary {} is published to {nodes:?} but staged on none of them; the copy \
+                     runs once a node serves it or none may",
+                    self.primary()
+                ));
+            }
+            return self
+                .copy_unused(op, kind, &(pass | set), &primary, started)
+                .await;
         };
         pass |= set;
         let total = pass.len().max(1);
@@ -1211,6 +1217,93 @@ impl Driver<'_> {
             seconds,
             recopied: before_hold.saturating_sub(first),
             held: copied_extents - before_hold,
+        })
+    }
+
+    /// The copy of a primary no node may write (no access node, and NodeStage waits for
+    /// `copying`): one pass through a private engine on the node of the primary's first area,
+    /// which both volumes' lenders grant for the copy (`writers`); no dirty bits, no hold (M-23).
+    async fn copy_unused(
+        &mut self,
+        op: u64,
+        kind: CopyKind,
+        set: &RoaringTreemap,
+        primary: &VirtualVolume,
+        started: std::time::Instant,
+    ) -> Result<CopyOutcome, String> {
+        let copier = primary
+            .status
+            .as_ref()
+            .and_then(|s| s.mapping.as_ref())
+            .and_then(|m| m.extents.iter().find_map(|r| r.replicas.first()))
+            .and_then(|r| self.ctx.stores.areas.get(&ObjectRef::new(&r.area)))
+            .map(|area| area.spec.node_name.clone())
+            .ok_or_else(|| {
+                format!(
+                    "primary {} has no mapped extent on a known area",
+                    self.primary()
+                )
+            })?;
+        let writers = [copier.clone()];
+        let granted = async {
+            self.link(
+                &self.secondary(),
+                MirrorRole::Secondary,
+                MirrorLegMode::Mirror,
+                &writers,
+            )
+            .await?;
+            self.link(
+                &self.primary(),
+                MirrorRole::Primary,
+                MirrorLegMode::Mirror,
+                &writers,
+            )
+            .await
+        }
+        .await;
+        let result = match granted {
+            Ok(()) => {
+                let mut copied = 0;
+                let total = set.len().max(1);
+                self.copy_batches(op, kind, &copier, set, false, &mut copied, total)
+                    .await
+                    .map(|bytes| (copied, bytes))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        // The grants end with the copy.
+        let ungranted = async {
+            self.link(
+                &self.primary(),
+                MirrorRole::Primary,
+                MirrorLegMode::Mirror,
+                &[],
+            )
+            .await?;
+            self.link(
+                &self.secondary(),
+                MirrorRole::Secondary,
+                MirrorLegMode::Mirror,
+                &[],
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = ungranted {
+            tracing::warn!(pair = %self.name, error = %e, "copier grants not withdrawn");
+        }
+        let (extents, bytes) = result?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.ctx
+            .metrics
+            .count_mirror_copy(&self.name, bytes, seconds);
+        Ok(CopyOutcome {
+            extents,
+            bytes,
+            seconds,
+            recopied: 0,
+            held: 0,
         })
     }
 
