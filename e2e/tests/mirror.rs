@@ -16,7 +16,12 @@
 //! A custom `main` (`harness = false`): this binary is also the child executable of the local
 //! cluster. Needs `fio` with its `nbd` engine (CI installs it); without it the scenario prints
 //! why it skips.
+//!
+//! `--bench` runs the benchmark of docs/benchmarks/mirror.md instead (build with `--release`):
+//! `cargo test --release -p tessera-e2e --test mirror -- --bench`.
 
+#[path = "mirror/bench.rs"]
+mod bench;
 mod support;
 
 use std::path::Path;
@@ -55,6 +60,23 @@ fn main() -> ExitCode {
     if args.iter().any(|a| a == "--list") {
         println!("{name}: test");
         return ExitCode::SUCCESS;
+    }
+    if args.iter().any(|a| a == "--bench") {
+        if let Err(why) = fio_with_nbd() {
+            eprintln!("the benchmark needs fio with its nbd engine: {why}");
+            return ExitCode::FAILURE;
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        return match runtime.block_on(bench::run()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("benchmark failed: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     if !filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())) {
