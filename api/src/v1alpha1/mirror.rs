@@ -37,11 +37,7 @@ pub const MIRROR_ROLE_LABEL: &str = "tessera.io/mirror-role";
         json_path = ".status.copyProgressPercent"
     ),
     printcolumn(name = "Dirty", type_ = "integer", json_path = ".status.dirtyBytes"),
-    printcolumn(
-        name = "LastSync",
-        type_ = "date",
-        json_path = ".status.lastSyncTime"
-    ),
+    printcolumn(name = "LastSync", type_ = "date", json_path = ".status.lastSyncTime"),
     printcolumn(
         name = "Age",
         type_ = "date",
