@@ -168,16 +168,14 @@ impl Agent {
         if !object.spec.access_nodes().is_empty() {
             return Ok(None);
         }
+        // Not a primary: nothing to copy here (answered as "not staged").
         let Some(link) = object
             .status
             .as_ref()
             .and_then(|s| s.mirror.as_ref())
             .filter(|l| l.role == MirrorRole::Primary)
         else {
-            return Err(AgentError::InvalidMapping {
-                volume: volume_id.into(),
-                reason: "not the primary of a mirror pair".into(),
-            });
+            return Ok(None);
         };
         let map = Arc::new(Self::model_map(&object)?);
         let registry = self.staged.lock().await;
