@@ -445,7 +445,10 @@ async fn evacuate(env: &Environment, co: &mut Orchestrator<'_>, data_dir: &Path)
         operation: RemapOperation {
             type_: RemapOperationType::EvacuateArea,
             r#move: None,
-            evacuate_area: Some(tessera_api::v1alpha1::EvacuateArea { area: area.clone() }),
+            evacuate_area: Some(tessera_api::v1alpha1::EvacuateArea {
+                area: area.clone(),
+                other_nodes_only: false,
+            }),
             release_ranges: None,
         },
         copy: CopyPolicy {

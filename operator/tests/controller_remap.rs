@@ -1109,15 +1109,14 @@ async fn a_replica_a_node_stopped_writing_is_rebuilt_elsewhere() {
         .iter()
         .find(|r| r.name_any().starts_with("rebuild-"))
         .expect("a rebuild remap");
-    assert_eq!(
-        rebuild
-            .spec
-            .operation
-            .evacuate_area
-            .as_ref()
-            .map(|e| e.area.clone()),
-        Some(failed.clone())
-    );
+    let evacuated = rebuild
+        .spec
+        .operation
+        .evacuate_area
+        .as_ref()
+        .expect("an EvacuateArea");
+    assert_eq!(evacuated.area, failed);
+    assert!(evacuated.other_nodes_only, "{evacuated:?}");
     // Every extent still has two replicas, none on the failed area; copies went through node-a.
     for run in &rebuilt
         .status

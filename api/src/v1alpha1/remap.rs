@@ -89,6 +89,11 @@ pub struct MoveRanges {
 pub struct EvacuateArea {
     #[schemars(length(min = 1, max = 253))]
     pub area: String,
+    /// Place the extents only on areas of other nodes than the evacuated area's: a rebuild
+    /// after that node failed, whose other areas may still show Online until their heartbeats
+    /// expire (docs/mirror.md §8).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub other_nodes_only: bool,
 }
 
 /// Unmap ranges and return their extents to the pool (reclaim, seed 000 Fig. 7 and Fig. 9).

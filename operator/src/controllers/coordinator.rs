@@ -439,6 +439,18 @@ async fn start(remap: &VolumeRemap, ctx: &Context) -> Result<std::result::Result
                     .filter(|&e| replicas_at(&mapping, e).iter().any(|r| r.area == ev.area))
                     .collect();
                 excluded_areas.insert(ev.area.clone());
+                if ev.other_nodes_only {
+                    let node = ctx
+                        .stores
+                        .areas
+                        .get(&ObjectRef::new(&ev.area))
+                        .map(|a| a.spec.node_name.clone());
+                    for area in ctx.stores.areas.state() {
+                        if Some(&area.spec.node_name) == node.as_ref() {
+                            excluded_areas.insert(area.name_any());
+                        }
+                    }
+                }
             }
             moved.sort_unstable();
             moved.dedup();

@@ -29,8 +29,8 @@ use kube::runtime::reflector::ObjectRef;
 use serde_json::{Value, json};
 use tessera_api::v1alpha1::{
     AreaPhase, AttachmentState, ChargingPolicy, CopyMode, CopyPolicy, EvacuateArea, RemapOperation,
-    RemapOperationType, StorageArea, StoragePool, VirtualVolume, VolumeCharge, VolumePhase,
-    VolumeRemap, VolumeRemapSpec, VolumeUsage as WireUsage,
+    RemapOperationType, RemapPhase, StorageArea, StoragePool, VirtualVolume, VolumeCharge,
+    VolumePhase, VolumeRemap, VolumeRemapSpec, VolumeUsage as WireUsage,
 };
 
 use super::support::{
@@ -420,13 +420,16 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(requeue))
 }
 
+/// Rebuild attempts per area and mapping generation.
+const MAX_REBUILD_ATTEMPTS: u32 = 5;
+
 /// Duplexed volumes (`copies` ≥ 2, seed 001 [0019]): the replicas on an area that went Offline,
 /// or that a node stopped writing after a failure (`attachments[].unhealthyAreas`), are rebuilt
-/// from the surviving replica onto areas placement chooses, by an `EvacuateArea`
-/// VolumeRemap (online copy under the quiesce of the volume's nodes; docs/mirror.md §8). One
-/// rebuild at a time per volume; the name carries the mapping generation, so a rebuild that
-/// failed (say, no room) is tried again once the mapping changed, and repeats of this
-/// reconcile find the one already asked for.
+/// from the surviving replica onto areas placement chooses among the areas of other nodes, by
+/// an `EvacuateArea` VolumeRemap with `otherNodesOnly` (online copy under the quiesce of the
+/// volume's nodes; docs/mirror.md §8). One rebuild at a time per volume; names carry the
+/// mapping generation and an attempt number, so repeats of this reconcile find the one already
+/// asked for and a failed attempt is retried a few times.
 async fn request_rebuild(volume: &VirtualVolume, offline: &[String], ctx: &Context) -> Result<()> {
     let name = volume.name_any();
     let busy = ctx
@@ -441,22 +444,40 @@ async fn request_rebuild(volume: &VirtualVolume, offline: &[String], ctx: &Conte
     let Some(area) = offline.first() else {
         return Ok(());
     };
-    let generation = volume
-        .status
-        .as_ref()
-        .and_then(|s| s.mapping.as_ref())
-        .map_or(0, |m| m.generation);
-    let remap_name = format!("rebuild-{name}-{area}-g{generation}");
-    let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
-    if remaps.get_opt(&remap_name).await?.is_some() {
+    let Some(mapping) = volume.status.as_ref().and_then(|s| s.mapping.as_ref()) else {
         return Ok(());
+    };
+    let generation = mapping.generation;
+    // A failed attempt (say, no room yet) is retried under the next name, a few times per
+    // mapping generation.
+    let remaps: Api<VolumeRemap> = Api::all(ctx.client.clone());
+    let mut remap_name = None;
+    for attempt in 1..=MAX_REBUILD_ATTEMPTS {
+        let candidate = format!("rebuild-{name}-{area}-g{generation}-{attempt}");
+        match remaps.get_opt(&candidate).await? {
+            None => {
+                remap_name = Some(candidate);
+                break;
+            }
+            Some(r) if r.status.as_ref().and_then(|s| s.phase) == Some(RemapPhase::Failed) => {}
+            // In flight or done.
+            Some(_) => return Ok(()),
+        }
     }
+    let Some(remap_name) = remap_name else {
+        return Ok(());
+    };
     let spec = VolumeRemapSpec {
         volume_name: name.clone(),
         operation: RemapOperation {
             type_: RemapOperationType::EvacuateArea,
             r#move: None,
-            evacuate_area: Some(EvacuateArea { area: area.clone() }),
+            // The node of the failed area is likely down with all its areas, even those still
+            // shown Online until their heartbeats expire.
+            evacuate_area: Some(EvacuateArea {
+                area: area.clone(),
+                other_nodes_only: true,
+            }),
             release_ranges: None,
         },
         copy: CopyPolicy {
