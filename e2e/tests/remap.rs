@@ -547,15 +547,6 @@ pub(crate) fn move_all_spec(volume: &str, size: u64, policy: RemapPolicy) -> Vol
     }
 }
 
-pub(crate) async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<VolumeMapping> {
-    volumes
-        .get(id)
-        .await?
-        .status
-        .and_then(|s| s.mapping)
-        .context("volume has no mapping")
-}
-
 fn spawn_fio(socket: &Path, export: &str, offset: u64, size: u64) -> Result<tokio::process::Child> {
     let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
     Command::new("fio")

@@ -81,8 +81,36 @@ pub(crate) async fn set_attachment_state(
     generation: Option<i64>,
     state: AttachmentState,
 ) -> Result<(), AgentError> {
+    let node = agent.config.node_id.clone();
+    update_attachments(agent, volume, |attachments| {
+        // What this node reported about its replicas stays until the health report changes it.
+        let unhealthy_areas = attachments
+            .iter()
+            .find(|a| a.node == node)
+            .map(|a| a.unhealthy_areas.clone())
+            .unwrap_or_default();
+        attachments.retain(|a| a.node != node);
+        if let Some(generation) = generation {
+            attachments.push(VolumeAttachment {
+                node: node.clone(),
+                applied_generation: generation,
+                state,
+                unhealthy_areas,
+            });
+            attachments.sort_by(|a, b| a.node.cmp(&b.node));
+        }
+    })
+    .await
+}
+
+/// Read-modify-write of `status.attachments`: a merge patch conditional on the
+/// resourceVersion, retried on conflict; nothing is written when `change` changes nothing.
+async fn update_attachments(
+    agent: &Agent,
+    volume: &str,
+    change: impl Fn(&mut Vec<VolumeAttachment>),
+) -> Result<(), AgentError> {
     let api: Api<VirtualVolume> = Api::all(agent.client.clone());
-    let node = &agent.config.node_id;
     for attempt in 0..10 {
         let Some(current) = api
             .get_opt(volume)
@@ -98,22 +126,7 @@ pub(crate) async fn set_attachment_state(
             .map(|s| s.attachments.clone())
             .unwrap_or_default();
         let before = attachments.clone();
-        // What this node reported about its replicas stays until the health report changes it.
-        let unhealthy_areas = attachments
-            .iter()
-            .find(|a| &a.node == node)
-            .map(|a| a.unhealthy_areas.clone())
-            .unwrap_or_default();
-        attachments.retain(|a| &a.node != node);
-        if let Some(generation) = generation {
-            attachments.push(VolumeAttachment {
-                node: node.clone(),
-                applied_generation: generation,
-                state,
-                unhealthy_areas,
-            });
-            attachments.sort_by(|a, b| a.node.cmp(&b.node));
-        }
+        change(&mut attachments);
         if attachments == before {
             return Ok(());
         }
@@ -209,52 +222,13 @@ pub(crate) async fn set_attachment_health(
     volume: &str,
     unhealthy: &[String],
 ) -> Result<(), AgentError> {
-    let api: Api<VirtualVolume> = Api::all(agent.client.clone());
     let node = &agent.config.node_id;
-    for attempt in 0..10 {
-        let Some(current) = api
-            .get_opt(volume)
-            .await
-            .map_err(|e| AgentError::api(format!("get VirtualVolume {volume}"), e))?
-        else {
-            return Ok(());
-        };
-        let mut attachments: Vec<VolumeAttachment> = current
-            .status
-            .as_ref()
-            .map(|s| s.attachments.clone())
-            .unwrap_or_default();
-        let Some(entry) = attachments.iter_mut().find(|a| &a.node == node) else {
-            return Ok(());
-        };
-        if entry.unhealthy_areas == unhealthy {
-            return Ok(());
+    update_attachments(agent, volume, |attachments| {
+        if let Some(entry) = attachments.iter_mut().find(|a| &a.node == node) {
+            entry.unhealthy_areas = unhealthy.to_vec();
         }
-        entry.unhealthy_areas = unhealthy.to_vec();
-        let patch = json!({
-            "metadata": {"resourceVersion": current.metadata.resource_version},
-            "status": {"attachments": attachments},
-        });
-        match api
-            .patch_status(volume, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => return Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                tokio::time::sleep(Duration::from_millis(20 * (attempt + 1))).await;
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
-            Err(e) => {
-                return Err(AgentError::api(
-                    format!("patch VirtualVolume {volume} attachments"),
-                    e,
-                ));
-            }
-        }
-    }
-    Err(AgentError::Unsupported(format!(
-        "VirtualVolume {volume}: attachments kept conflicting"
-    )))
+    })
+    .await
 }
 
 /// Every heartbeat, per staged volume: the areas whose replicas this node stopped writing

@@ -28,7 +28,7 @@ use tessera_e2e::co::{Orchestrator, VolumeRequest};
 use tessera_e2e::{Environment, Options};
 use tokio::process::Command;
 
-use super::support::{FioReport, area_file, replicas, tail};
+use super::support::{FioReport, mapping_of, tail};
 use super::{PAIR, event_notes, set_desired, wait_for, wait_gone, wait_phase};
 
 /// Two sparse areas of 2 GiB per node: a 1 GiB volume fits in one area.
@@ -385,7 +385,8 @@ async fn resync(
     let from = mapping_of(volumes, primary).await?;
     let to = mapping_of(volumes, secondary).await?;
     let sampler = CpuSampler::start();
-    let (nbdcopy_bytes, nbdcopy_s) = nbdcopy_between(data_dir, &from, &to, dirty).await?;
+    let (nbdcopy_bytes, nbdcopy_s) =
+        super::support::nbdcopy_between(data_dir, &from, &to, dirty, true).await?;
     let nbdcopy_cpu = sampler.stop();
     Ok(Resync {
         dirty,
@@ -607,15 +608,6 @@ async fn fio(uri: &str, extra: &[&str]) -> Result<FioRun> {
     })
 }
 
-async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<VolumeMapping> {
-    volumes
-        .get(id)
-        .await?
-        .status
-        .and_then(|s| s.mapping)
-        .with_context(|| format!("volume {id} has no mapping"))
-}
-
 /// "MiB per area" of a mapping.
 fn placement(mapping: &VolumeMapping) -> String {
     let mut per_area: BTreeMap<&str, i64> = BTreeMap::new();
@@ -664,77 +656,4 @@ fn copy_report(note: &str) -> Result<(u64, u64, f64)> {
         Some(r) => Ok(r),
         None => bail!("unexpected copy report: {note}"),
     }
-}
-
-/// nbdcopy of volume bytes [0, len) from where `from` maps them to where `to` maps them,
-/// merged into contiguous runs, each area file range exported by `nbdkit file` (offset filter)
-/// on a unix socket; `--flush` at the end, as the node's copy flushes the leg. Returns (bytes,
-/// seconds of nbdcopy, servers' start excluded).
-async fn nbdcopy_between(
-    data_dir: &Path,
-    from: &VolumeMapping,
-    to: &VolumeMapping,
-    len: u64,
-) -> Result<(u64, f64)> {
-    let es = from.extent_size_bytes;
-    let mut runs: Vec<(String, i64, String, i64, i64)> = Vec::new();
-    for e in 0..(len as i64 / es) {
-        let (src, so) = replicas(from, e * es)
-            .into_iter()
-            .next()
-            .with_context(|| format!("primary extent {e} is not allocated"))?;
-        let (dst, d) = replicas(to, e * es)
-            .into_iter()
-            .next()
-            .with_context(|| format!("secondary extent {e} is not allocated"))?;
-        match runs.last_mut() {
-            Some(r) if r.0 == src && r.2 == dst && r.1 + r.4 == so && r.3 + r.4 == d => r.4 += es,
-            _ => runs.push((src, so, dst, d, es)),
-        }
-    }
-    let sockets = tempfile::tempdir()?;
-    let mut bytes = 0u64;
-    let mut seconds = 0.0;
-    for (i, (src, so, dst, d, len)) in runs.iter().enumerate() {
-        let s_sock = sockets.path().join(format!("s{i}.sock"));
-        let d_sock = sockets.path().join(format!("d{i}.sock"));
-        let mut servers = Vec::new();
-        for (sock, area, offset) in [(&s_sock, src, so), (&d_sock, dst, d)] {
-            servers.push(
-                Command::new("nbdkit")
-                    .args(["--foreground", "--exit-with-parent", "-U"])
-                    .arg(sock)
-                    .arg("--filter=offset")
-                    .arg("file")
-                    .arg(format!("file={}", area_file(data_dir, area)?.display()))
-                    .arg(format!("offset={offset}"))
-                    .arg(format!("range={len}"))
-                    .kill_on_drop(true)
-                    .spawn()
-                    .context("nbdkit (install the nbdkit package)")?,
-            );
-        }
-        for sock in [&s_sock, &d_sock] {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !sock.exists() {
-                if Instant::now() > deadline {
-                    bail!("nbdkit did not create {}", sock.display());
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let started = Instant::now();
-        let status = Command::new("nbdcopy")
-            .arg("--flush")
-            .arg(format!("nbd+unix:///?socket={}", s_sock.display()))
-            .arg(format!("nbd+unix:///?socket={}", d_sock.display()))
-            .status()
-            .await
-            .context("nbdcopy (install libnbd-bin)")?;
-        ensure!(status.success(), "nbdcopy failed: {status}");
-        seconds += started.elapsed().as_secs_f64();
-        bytes += *len as u64;
-        drop(servers);
-    }
-    Ok((bytes, seconds))
 }

@@ -19,14 +19,14 @@ use kube::api::PostParams;
 use tessera::local::{LocalCluster, LocalConfig};
 use tessera_api::v1alpha1::{
     CopyPolicy, ReclaimTier, ReleaseRanges, RemapOperation, RemapOperationType, RemapPhase,
-    RemapPolicy, VirtualVolume, VolumeMapping, VolumeRange, VolumeRemap, VolumeRemapSpec,
+    RemapPolicy, VirtualVolume, VolumeRange, VolumeRemap, VolumeRemapSpec,
 };
 use tessera_e2e::co::{Access, Orchestrator, VolumeRequest};
 use tessera_e2e::{Environment, Options};
 use tokio::process::Command;
 
-use super::support::{area_file, replicas};
-use super::{NODES, mapping_of, wait_final};
+use super::support::mapping_of;
+use super::{NODES, wait_final};
 
 const AREA: u64 = 1 << 30;
 const VOLUME: u64 = 1 << 30;
@@ -202,7 +202,8 @@ async fn body(data_dir: &Path, work_dir: &Path) -> Result<()> {
     // needed: it overwrites the areas the first move vacated).
     let last = mapping_of(&volumes, &vol.id).await?;
     co.cleanup().await?;
-    let (bytes, seconds) = nbdcopy_between(data_dir, &after, &last).await?;
+    let (bytes, seconds) =
+        super::support::nbdcopy_between(data_dir, &last, &after, VOLUME, false).await?;
     let peer = bytes as f64 / seconds / (1 << 20) as f64;
     println!(
         "nbdcopy: {} MiB in {seconds:.2} s = {peer:.0} MiB/s; tessera's copy: {:.0}% of it \
@@ -399,67 +400,4 @@ fn print_holds(holds: &BTreeMap<String, Vec<u64>>) {
             v.last().copied().unwrap_or(0)
         );
     }
-}
-
-/// nbdcopy from where the volume's bytes are now (`last`) to where they were after the first
-/// move (`first`, vacated by the second move), extent by extent merged into contiguous runs,
-/// each area file exported by `nbdkit file` (offset filter) on a unix socket. Returns (bytes,
-/// seconds).
-async fn nbdcopy_between(
-    data_dir: &Path,
-    first: &VolumeMapping,
-    last: &VolumeMapping,
-) -> Result<(u64, f64)> {
-    let es = last.extent_size_bytes;
-    // Contiguous (source area, source offset, destination area, destination offset, length).
-    let mut runs: Vec<(String, i64, String, i64, i64)> = Vec::new();
-    for e in 0..(VOLUME as i64 / es) {
-        let (src, so) = replicas(last, e * es).remove(0);
-        let (dst, d) = replicas(first, e * es).remove(0);
-        match runs.last_mut() {
-            Some(r) if r.0 == src && r.2 == dst && r.1 + r.4 == so && r.3 + r.4 == d => r.4 += es,
-            _ => runs.push((src, so, dst, d, es)),
-        }
-    }
-    let sockets = tempfile::tempdir()?;
-    let mut bytes = 0u64;
-    let mut seconds = 0.0;
-    for (i, (src, so, dst, d, len)) in runs.iter().enumerate() {
-        let s_sock = sockets.path().join(format!("s{i}.sock"));
-        let d_sock = sockets.path().join(format!("d{i}.sock"));
-        let mut servers = Vec::new();
-        for (sock, area, offset) in [(&s_sock, src, so), (&d_sock, dst, d)] {
-            servers.push(
-                Command::new("nbdkit")
-                    .args(["--foreground", "--exit-with-parent", "-U"])
-                    .arg(sock)
-                    .arg("--filter=offset")
-                    .arg("file")
-                    .arg(format!("file={}", area_file(data_dir, area)?.display()))
-                    .arg(format!("offset={offset}"))
-                    .arg(format!("range={len}"))
-                    .kill_on_drop(true)
-                    .spawn()
-                    .context("nbdkit (install the nbdkit package)")?,
-            );
-        }
-        for sock in [&s_sock, &d_sock] {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !sock.exists() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let started = Instant::now();
-        let status = Command::new("nbdcopy")
-            .arg(format!("nbd+unix:///?socket={}", s_sock.display()))
-            .arg(format!("nbd+unix:///?socket={}", d_sock.display()))
-            .status()
-            .await
-            .context("nbdcopy (install libnbd-bin)")?;
-        ensure!(status.success(), "nbdcopy failed: {status}");
-        seconds += started.elapsed().as_secs_f64();
-        bytes += *len as u64;
-        drop(servers);
-    }
-    Ok((bytes, seconds))
 }

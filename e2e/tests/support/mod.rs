@@ -4,10 +4,13 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use tessera_api::v1alpha1::VolumeMapping;
+use anyhow::{Context, Result, bail, ensure};
+use kube::Api;
+use tessera_api::v1alpha1::{VirtualVolume, VolumeMapping};
 use tessera_e2e::io::VolumeIo;
+use tokio::process::Command;
 
 /// `fio` with the `nbd` engine (libnbd), or why not.
 pub fn fio_with_nbd() -> std::result::Result<(), String> {
@@ -109,4 +112,88 @@ pub async fn compare_with_areas(
         }
     }
     Ok(compared)
+}
+
+/// nbdcopy of volume bytes [0, len) from where `from` maps them to where `to` maps them,
+/// merged into contiguous runs, each area file range exported by `nbdkit file` (offset filter)
+/// on a unix socket; with `flush`, `--flush` at the end (a copy that ends with a flush, as the
+/// mirror leg's does). Returns (bytes, seconds of nbdcopy, servers' start excluded).
+pub async fn nbdcopy_between(
+    data_dir: &Path,
+    from: &VolumeMapping,
+    to: &VolumeMapping,
+    len: u64,
+    flush: bool,
+) -> Result<(u64, f64)> {
+    let es = from.extent_size_bytes;
+    let mut runs: Vec<(String, i64, String, i64, i64)> = Vec::new();
+    for e in 0..(len as i64 / es) {
+        let (src, so) = replicas(from, e * es)
+            .into_iter()
+            .next()
+            .with_context(|| format!("primary extent {e} is not allocated"))?;
+        let (dst, d) = replicas(to, e * es)
+            .into_iter()
+            .next()
+            .with_context(|| format!("secondary extent {e} is not allocated"))?;
+        match runs.last_mut() {
+            Some(r) if r.0 == src && r.2 == dst && r.1 + r.4 == so && r.3 + r.4 == d => r.4 += es,
+            _ => runs.push((src, so, dst, d, es)),
+        }
+    }
+    let sockets = tempfile::tempdir()?;
+    let mut bytes = 0u64;
+    let mut seconds = 0.0;
+    for (i, (src, so, dst, d, len)) in runs.iter().enumerate() {
+        let s_sock = sockets.path().join(format!("s{i}.sock"));
+        let d_sock = sockets.path().join(format!("d{i}.sock"));
+        let mut servers = Vec::new();
+        for (sock, area, offset) in [(&s_sock, src, so), (&d_sock, dst, d)] {
+            servers.push(
+                Command::new("nbdkit")
+                    .args(["--foreground", "--exit-with-parent", "-U"])
+                    .arg(sock)
+                    .arg("--filter=offset")
+                    .arg("file")
+                    .arg(format!("file={}", area_file(data_dir, area)?.display()))
+                    .arg(format!("offset={offset}"))
+                    .arg(format!("range={len}"))
+                    .kill_on_drop(true)
+                    .spawn()
+                    .context("nbdkit (install the nbdkit package)")?,
+            );
+        }
+        for sock in [&s_sock, &d_sock] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !sock.exists() {
+                if Instant::now() > deadline {
+                    bail!("nbdkit did not create {}", sock.display());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let started = Instant::now();
+        let status = Command::new("nbdcopy")
+            .args(flush.then_some("--flush"))
+            .arg(format!("nbd+unix:///?socket={}", s_sock.display()))
+            .arg(format!("nbd+unix:///?socket={}", d_sock.display()))
+            .status()
+            .await
+            .context("nbdcopy (install libnbd-bin)")?;
+        ensure!(status.success(), "nbdcopy failed: {status}");
+        seconds += started.elapsed().as_secs_f64();
+        bytes += *len as u64;
+        drop(servers);
+    }
+    Ok((bytes, seconds))
+}
+
+/// The committed mapping of volume `id`.
+pub async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<VolumeMapping> {
+    volumes
+        .get(id)
+        .await?
+        .status
+        .and_then(|s| s.mapping)
+        .context("volume has no mapping")
 }

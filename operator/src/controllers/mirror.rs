@@ -41,7 +41,7 @@ use tessera_api::v1alpha1::{
 
 use super::coordinator::update_volume_status;
 use super::node_control::{
-    LegMode, LegRequest, NodeCallError, NodeRequest, OperationRef as NodeOp,
+    DirtyAnswer, LegMode, LegRequest, NodeCallError, NodeRequest, OperationRef as NodeOp,
 };
 use super::support::{field_manager, now, patch_status, reference, set_condition};
 use super::view::{attached_nodes, extent_size};
@@ -568,14 +568,25 @@ fn from_bitmap(set: &RoaringBitmap) -> RoaringTreemap {
     set.iter().map(u64::from).collect()
 }
 
-/// Dirty bits from the wire (empty bytes: none).
-fn decode_bits(bytes: &[u8]) -> Result<RoaringTreemap, String> {
-    if bytes.is_empty() {
+/// The extents a dirty answer names: every extent when the node lost bits (it restarted);
+/// empty bytes are none.
+fn dirty_bits(answer: &DirtyAnswer, extents: u64) -> Result<RoaringTreemap, String> {
+    if !answer.complete {
+        return Ok(full(extents));
+    }
+    if answer.extents.is_empty() {
         return Ok(RoaringTreemap::new());
     }
-    RoaringBitmap::deserialize_from(bytes)
+    RoaringBitmap::deserialize_from(&answer.extents[..])
         .map(|bits| from_bitmap(&bits))
         .map_err(|e| format!("undecodable dirty bits: {e}"))
+}
+
+/// Extents `[0, extents)`.
+fn full(extents: u64) -> RoaringTreemap {
+    let mut set = RoaringTreemap::new();
+    set.insert_range(0..extents);
+    set
 }
 
 fn bitmap_bytes(set: &RoaringBitmap) -> Vec<u8> {
@@ -1050,30 +1061,16 @@ impl Driver<'_> {
         acks: &BTreeMap<String, u64>,
         extents: u64,
     ) -> (RoaringTreemap, BTreeMap<String, u64>) {
-        let calls = nodes.iter().map(|node| {
-            let ack = acks.get(node).copied().unwrap_or(0);
-            let call = self
-                .ctx
-                .node_control
-                .collect_dirty(node, volume, ack, CALL_TIMEOUT);
-            async move { (node.clone(), call.await) }
-        });
         let mut union = RoaringTreemap::new();
         let mut sequences = BTreeMap::new();
-        for (node, answer) in futures::future::join_all(calls).await {
+        for (node, answer) in self.ask_dirty(volume, nodes, acks).await {
             match answer {
                 Ok(answer) => {
-                    if !answer.complete {
-                        tracing::warn!(pair = %self.name, %node, %volume,
-                            "the node lost dirty bits (restart): every extent counts as dirty");
-                        union.insert_range(0..extents);
-                    } else if let Ok(bits) = decode_bits(&answer.extents) {
-                        union |= bits;
-                    } else {
-                        tracing::warn!(pair = %self.name, %node, %volume,
-                            "undecodable dirty bits: every extent counts as dirty");
-                        union.insert_range(0..extents);
-                    }
+                    union |= dirty_bits(&answer, extents).unwrap_or_else(|error| {
+                        tracing::warn!(pair = %self.name, %node, %volume, %error,
+                            "every extent counts as dirty");
+                        full(extents)
+                    });
                     if answer.sequence != 0 {
                         sequences.insert(node, answer.sequence);
                     }
@@ -1084,6 +1081,24 @@ impl Driver<'_> {
             }
         }
         (union, sequences)
+    }
+
+    /// CollectDirty of `volume` on every node of `nodes`, acknowledging `acks`.
+    async fn ask_dirty(
+        &self,
+        volume: &str,
+        nodes: &[String],
+        acks: &BTreeMap<String, u64>,
+    ) -> Vec<(String, Result<DirtyAnswer, NodeCallError>)> {
+        let calls = nodes.iter().map(|node| {
+            let ack = acks.get(node).copied().unwrap_or(0);
+            let call = self
+                .ctx
+                .node_control
+                .collect_dirty(node, volume, ack, CALL_TIMEOUT);
+            async move { (node.clone(), call.await) }
+        });
+        futures::future::join_all(calls).await
     }
 
     /// Formation copy or resync pass (docs/mirror.md §7 "converge"): the data path is Mirror on
@@ -1316,19 +1331,10 @@ impl Driver<'_> {
         acks: &BTreeMap<String, u64>,
         extents: u64,
     ) -> Result<(RoaringTreemap, BTreeMap<String, u64>, Vec<String>), String> {
-        let primary = self.primary();
-        let calls = nodes.iter().map(|node| {
-            let ack = acks.get(node).copied().unwrap_or(0);
-            let call = self
-                .ctx
-                .node_control
-                .collect_dirty(node, &primary, ack, CALL_TIMEOUT);
-            async move { (node.clone(), call.await) }
-        });
         let mut union = RoaringTreemap::new();
         let mut sequences = BTreeMap::new();
         let mut staged = Vec::new();
-        for (node, answer) in futures::future::join_all(calls).await {
+        for (node, answer) in self.ask_dirty(&self.primary(), nodes, acks).await {
             let answer = answer.map_err(|e| format!("{node}: {e}"))?;
             // Absent: not staged there, but a node that unstaged the primary keeps the bits of
             // its last writes in a file until they are acknowledged.
@@ -1341,11 +1347,7 @@ impl Driver<'_> {
                 }
                 staged.push(node.clone());
             }
-            if !answer.complete {
-                union.insert_range(0..extents);
-            } else {
-                union |= decode_bits(&answer.extents).map_err(|e| format!("{node}: {e}"))?;
-            }
+            union |= dirty_bits(&answer, extents).map_err(|e| format!("{node}: {e}"))?;
             if answer.sequence != 0 {
                 sequences.insert(node, answer.sequence);
             }

@@ -452,13 +452,7 @@ impl NodeControl for TonicNodeControl {
         let this = self.clone();
         let node = node.to_string();
         Box::pin(async move {
-            let mut client = TonicNodeControl::connect(
-                this.client.clone(),
-                this.namespace.clone(),
-                Arc::clone(&this.channels),
-                node.clone(),
-            )
-            .await?;
+            let mut client = this.client_for(&node).await?;
             let status = |s| from_status(&node, s);
             // Commit, Rollback, Resume and Fence carry nothing but the operation.
             let step = |op: &OperationRef| {
@@ -560,13 +554,7 @@ impl NodeControl for TonicNodeControl {
         let node = node.to_string();
         let volume = volume.to_string();
         Box::pin(async move {
-            let mut client = TonicNodeControl::connect(
-                this.client.clone(),
-                this.namespace.clone(),
-                Arc::clone(&this.channels),
-                node.clone(),
-            )
-            .await?;
+            let mut client = this.client_for(&node).await?;
             let r = client
                 .get_gate_state(this.request(pb::GetGateStateRequest { volume }, timeout)?)
                 .await
@@ -590,13 +578,7 @@ impl NodeControl for TonicNodeControl {
         let node = node.to_string();
         let volume = volume.to_string();
         Box::pin(async move {
-            let mut client = TonicNodeControl::connect(
-                this.client.clone(),
-                this.namespace.clone(),
-                Arc::clone(&this.channels),
-                node.clone(),
-            )
-            .await?;
+            let mut client = this.client_for(&node).await?;
             let r = client
                 .report_usage(this.request(pb::ReportUsageRequest { volume }, timeout)?)
                 .await

@@ -297,9 +297,10 @@ async fn apply(volume: Arc<VirtualVolume>, ctx: &Context) -> Result<Action> {
     }
     // Replicas a node stopped writing after a failure, even on an area that is Online again
     // (it missed writes since): degraded, and rebuilt like an Offline area's.
+    let mapped = areas_of(&volume);
     for attachment in &status.attachments {
         for area in &attachment.unhealthy_areas {
-            if areas_of(&volume).contains(area) && !offline.contains(area) {
+            if mapped.contains(area) && !offline.contains(area) {
                 unhealthy.push(format!("{area} (missed writes on {})", attachment.node));
                 offline.push(area.clone());
             }
