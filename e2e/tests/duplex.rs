@@ -28,7 +28,6 @@ use tessera_api::v1alpha1::{RemapPhase, VirtualVolume, VolumeRemap};
 use tessera_e2e::co::{Orchestrator, VolumeRequest};
 use tessera_e2e::io::VolumeIo;
 use tessera_e2e::{Environment, Options};
-use tokio::process::Command;
 
 const AREA_SIZE: u64 = 256 << 20;
 /// 16 extents of 4 MiB, two replicas each.
@@ -154,7 +153,7 @@ async fn scenario(
 
     let attached = co.attach(&vol, "node-a").await?;
     let (socket, export) = co.nbd_export(&vol.id, "node-a")?;
-    let fio = spawn_fio(&socket, &export)?;
+    let fio = spawn_fio_verify("duplex-load", &socket, &export, VOLUME_SIZE, 12)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let pid = *cluster
         .pids()
@@ -311,31 +310,4 @@ async fn wait_volume(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-}
-
-fn spawn_fio(socket: &Path, export: &str) -> Result<tokio::process::Child> {
-    let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
-    Command::new("fio")
-        .args([
-            "--name=duplex-load",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            &format!("--size={VOLUME_SIZE}"),
-            "--verify=crc32c",
-            "--verify_backlog=512",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--loops=1000",
-            "--runtime=12",
-            "--time_based",
-            "--output-format=json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawning fio")
 }

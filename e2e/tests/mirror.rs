@@ -41,7 +41,6 @@ use tessera_api::v1alpha1::{
 use tessera_e2e::co::{Orchestrator, VolumeRequest};
 use tessera_e2e::io::VolumeIo;
 use tessera_e2e::{Environment, Options};
-use tokio::process::Command;
 
 /// 4 areas of 256 MiB per node (sparse files).
 const AREA_SIZE: u64 = 256 << 20;
@@ -198,7 +197,7 @@ async fn scenario(env: &Environment, co: &mut Orchestrator<'_>, data_dir: &Path)
         .await?;
     let at_a = co.attach(&primary, "node-a").await?;
     let (socket, export) = co.nbd_export(&primary.id, "node-a")?;
-    let fio = spawn_fio(&socket, &export)?;
+    let fio = spawn_fio_verify("mirror-load", &socket, &export, LOAD_SIZE, 15)?;
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     // 1. Formation and split, both under the load.
@@ -394,34 +393,6 @@ async fn unused_primary(
         "{formation}; {} MiB of the secondary equal the primary, a write from node-b included",
         compared >> 20
     ))
-}
-
-fn spawn_fio(socket: &Path, export: &str) -> Result<tokio::process::Child> {
-    let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
-    Command::new("fio")
-        .args([
-            "--name=mirror-load",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--offset=0",
-            &format!("--size={LOAD_SIZE}"),
-            "--verify=crc32c",
-            "--verify_backlog=512",
-            "--verify_fatal=1",
-            "--verify_state_save=0",
-            "--loops=1000",
-            "--runtime=15",
-            "--time_based",
-            "--output-format=json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("spawning fio")
 }
 
 async fn set_desired(pairs: &Api<MirrorPair>, desired: MirrorState) -> Result<()> {

@@ -197,3 +197,41 @@ pub async fn mapping_of(volumes: &Api<VirtualVolume>, id: &str) -> Result<Volume
         .and_then(|s| s.mapping)
         .context("volume has no mapping")
 }
+
+/// fio writing `[0, size)` of an NBD export at random (4 KiB, iodepth 16) for `runtime_s`
+/// seconds, verifying every block as it goes (`crc32c`, `verify_backlog`, fatal on the first
+/// mismatch); JSON report on stdout.
+pub fn spawn_fio_verify(
+    name: &str,
+    socket: &Path,
+    export: &str,
+    size: u64,
+    runtime_s: u64,
+) -> Result<tokio::process::Child> {
+    let uri = format!("nbd+unix:///{export}?socket={}", socket.display());
+    Command::new("fio")
+        .args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--offset=0",
+            &format!("--size={size}"),
+            "--verify=crc32c",
+            "--verify_backlog=512",
+            "--verify_fatal=1",
+            // A killed job would leave a `*-verify.state` file in the working directory.
+            "--verify_state_save=0",
+            "--loops=1000",
+            &format!("--runtime={runtime_s}"),
+            "--time_based",
+            "--output-format=json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning fio")
+}
